@@ -1,0 +1,158 @@
+"""Phi-3 decoder with AKI's two added tokens, LongRoPE, and an optional preallocated KV cache.
+
+Axis letters as in `aki_jax.layers` (B batch, T query length, S key length, N heads, H head dim,
+D width, F MLP width, K fused index, V vocabulary rows).
+
+Token ids below `initial_tokenizer_len` read the original embedding table; the two ids after it
+(`<image>`, `<|endofchunk|>`) read a separate 2-row table. The output head is `x @ W + b` cut to the
+first `initial_tokenizer_len` columns, followed by the 2 columns of the added head.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from aki_jax.config import AKIConfig, DecoderConfig
+from aki_jax.layers import RMSNorm, constrain, default_kernel_init, dot_product_attention, param, scanned
+
+ACT = ("act_batch", "act_length", "act_embed")
+
+
+def rope_cos_sin(positions, config: DecoderConfig):
+    """cos, sin f32[B, T, H] for integer positions int[B, T] (rotate-half layout).
+
+    With LongRoPE the factor set is picked from the highest position in the call, as the original
+    does: short factors while max(positions) + 1 <= original_max_position_embeddings, else long.
+    cos and sin carry the attention factor sqrt(1 + ln(max/original) / ln(original)).
+    """
+    head_dim = config.head_dim
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    base = jnp.power(jnp.float32(config.rope_theta), exponent)
+    scaling = config.rope_scaling
+    if scaling is None:
+        inv_freq = 1.0 / base
+        factor = 1.0
+    else:
+        short = 1.0 / (jnp.asarray(scaling.short_factor, jnp.float32) * base)
+        long = 1.0 / (jnp.asarray(scaling.long_factor, jnp.float32) * base)
+        use_long = jnp.max(positions) + 1 > scaling.original_max_position_embeddings
+        inv_freq = jnp.where(use_long, long, short)
+        factor = scaling.attention_factor(config.max_position_embeddings)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
+
+
+def apply_rope(x, cos, sin):
+    """x f[B, T, N, H] rotated by cos/sin f32[B, T, H] (the two halves of each head pair up)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    """`x + o(attn(RMSNorm(x)))`, `x + down(silu(gate) * up)`; fused qkv [q;k;v] and gate-up [gate;up]."""
+
+    config: DecoderConfig
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+    attention_impl: str | None = None
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_index, cache):
+        c, pd, dt = self.config, self.param_dtype, self.dtype
+        d, n, h, f = c.hidden_size, c.num_heads, c.head_dim, c.intermediate_size
+        w_qkv = param(self, "qkv_kernel", default_kernel_init, (d, 3, n, h), ("embed", None, "heads", "head_dim"), pd)
+        w_o = param(self, "o_kernel", default_kernel_init, (n, h, d), ("heads", "head_dim", "embed"), pd)
+        w_gate_up = param(self, "gate_up_kernel", default_kernel_init, (d, 2, f), ("embed", None, "mlp"), pd)
+        w_down = param(self, "down_kernel", default_kernel_init, (f, d), ("mlp", "embed"), pd)
+
+        y = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x)
+        q, k, v = jnp.einsum("BTD,DKNH->KBTNH", y, w_qkv.astype(dt))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        new_cache = None
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), cache_index, 1)
+            new_cache = {"key": k, "value": v}
+            k, v = k.astype(dt), v.astype(dt)
+        attn = dot_product_attention(q, k, v, mask, implementation=self.attention_impl)
+        x = constrain(x + jnp.einsum("BTNH,NHD->BTD", attn, w_o.astype(dt)), ACT)
+
+        y = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(x)
+        gate, up = jnp.einsum("BTD,DKF->KBTF", y, w_gate_up.astype(dt))
+        x = x + jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, w_down.astype(dt))
+        return constrain(x, ACT), new_cache
+
+
+class Decoder(nn.Module):
+    """Embedding (with the 2 added rows), scanned Phi-3 layers, final RMSNorm, split output head."""
+
+    config: AKIConfig
+
+    def setup(self):
+        c = self.config
+        dec, pd = c.decoder, jnp.dtype(c.param_dtype)
+        self.embed_tokens = param(
+            self, "embed_tokens", default_kernel_init, (dec.vocab_size, dec.hidden_size), ("vocab", "embed"), pd
+        )
+        self.additional_embedding = param(
+            self, "additional_embedding", default_kernel_init, (2, dec.hidden_size), (None, "embed"), pd
+        )
+        layers = scanned(DecoderLayer, dec.num_layers, c.remat, broadcast_args=4, scanned_args=1)
+        self.layers = layers(dec, jnp.dtype(c.dtype), pd, c.attention_impl)
+        self.norm = RMSNorm(dec.rms_norm_eps, pd)
+        self.lm_head_kernel = param(
+            self, "lm_head_kernel", default_kernel_init, (dec.hidden_size, dec.vocab_size), ("embed", "vocab"), pd
+        )
+        # The original wrapper gives the main head a bias (Phi-3 has none); released checkpoints carry it.
+        self.lm_head_bias = param(self, "lm_head_bias", nn.initializers.zeros, (dec.vocab_size,), ("vocab",), pd)
+        self.additional_head_kernel = param(
+            self, "additional_head_kernel", default_kernel_init, (dec.hidden_size, 2), ("embed", None), pd
+        )
+        self.additional_head_bias = param(self, "additional_head_bias", nn.initializers.zeros, (2,), (None,), pd)
+
+    def embed(self, input_ids):
+        """int[B, T] -> f[B, T, D]. Ids >= initial_tokenizer_len + 2 are clipped (IMAGE slots hold any id)."""
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        n_orig = c.initial_tokenizer_len
+        ids = jnp.clip(input_ids, 0, n_orig + 1)
+        original = jnp.take(self.embed_tokens, jnp.minimum(ids, n_orig - 1), axis=0)
+        added = jnp.take(self.additional_embedding, jnp.clip(ids - n_orig, 0, 1), axis=0)
+        x = jnp.where((ids >= n_orig)[..., None], added, original).astype(dt)
+        return constrain(x, ACT)
+
+    def __call__(self, embeds, positions, mask, cache=None, cache_index=0):
+        """embeds f[B, T, D], positions int[B, T], mask bool[B, T, S] (S = T, or the cache length).
+
+        Returns logits f32[B, T, initial_tokenizer_len + 2] and the updated cache (None without one).
+        `cache` is {"key", "value"}: f[layers, B, S, N, H]; this call's keys are written at `cache_index`.
+        """
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        cos, sin = rope_cos_sin(positions, c.decoder)
+        x, cache = self.layers(embeds.astype(dt), cos, sin, mask, cache_index, cache)
+        x = self.norm(x)
+        n_orig = c.initial_tokenizer_len
+        main = jnp.einsum("BTD,DV->BTV", x, self.lm_head_kernel[:, :n_orig].astype(dt))
+        main = main + self.lm_head_bias[:n_orig].astype(dt)
+        added = jnp.einsum("BTD,DV->BTV", x, self.additional_head_kernel.astype(dt))
+        added = added + self.additional_head_bias.astype(dt)
+        logits = jnp.concatenate([main, added], axis=-1).astype(jnp.float32)
+        return constrain(logits, ("act_batch", "act_length", "act_vocab")), cache
+
+
+def init_cache(config: AKIConfig, batch: int, length: int, dtype=None):
+    """An empty KV cache {"key", "value"}: zeros f[layers, B, length, N, H] in `dtype` (default: compute dtype)."""
+    dec = config.decoder
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (dec.num_layers, batch, length, dec.num_heads, dec.head_dim)
+    return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+CACHE_AXES = ("layers", "act_batch", None, "act_heads", None)
