@@ -1,0 +1,37 @@
+"""Benchmark evaluation: readers, prompts, likelihood / generation scoring, sharded resumable runs, metrics.
+
+`aki_jax.evaluation.evaluate(...)` runs several benchmarks; `tools/evaluate.py` is its command line.
+"""
+
+from aki_jax.evaluation.answers import extract_choice, extract_short_answer, extract_yes_no
+from aki_jax.evaluation.items import OPTION_LETTERS, TASKS, ImageSource, Item
+from aki_jax.evaluation.metrics import benchmark_scores, markdown_table, mme_scores, pope_scores
+from aki_jax.evaluation.prompts import candidate_answers, user_prompt
+from aki_jax.evaluation.readers import Benchmark, read_benchmark
+from aki_jax.evaluation.runner import Distribution, ItemFailed, evaluate_benchmark, merge_predictions, run_predictions
+from aki_jax.evaluation.vqa import normalize_answer, vqa_accuracy
+
+__all__ = [
+    "OPTION_LETTERS",
+    "TASKS",
+    "Benchmark",
+    "Distribution",
+    "ImageSource",
+    "Item",
+    "ItemFailed",
+    "benchmark_scores",
+    "candidate_answers",
+    "evaluate_benchmark",
+    "extract_choice",
+    "extract_short_answer",
+    "extract_yes_no",
+    "markdown_table",
+    "merge_predictions",
+    "mme_scores",
+    "normalize_answer",
+    "pope_scores",
+    "read_benchmark",
+    "run_predictions",
+    "user_prompt",
+    "vqa_accuracy",
+]
