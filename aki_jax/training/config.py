@@ -1,0 +1,255 @@
+"""Typed training configuration, `key=value` overrides with dotted paths, and JSON round trips.
+
+A config file under `configs/` is plain Python defining `get_config() -> TrainConfig`. Any field can be
+overridden from the command line with its dotted path (`optim.lr=3e-4`, `model.decoder.num_layers=4`,
+`mesh.fsdp=-1`); values are parsed as JSON when they parse (numbers, true/false, null, lists, dicts)
+and taken as strings otherwise. A few short aliases exist for common knobs (`ALIASES`), notably
+`attention=causal` for the paper's ablation. `model=<preset>` swaps in a named preset ("tiny", "aki-4b").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from aki_jax.config import AKIConfig, preset
+from aki_jax.sharding import MeshConfig
+
+ALIASES = {
+    "attention": "model.attention",
+    "remat": "model.remat",
+    "dtype": "model.dtype",
+    "steps": "optim.total_steps",
+    "lr": "optim.lr",
+    "batch_size": "data.batch_size",
+    "output_dir": "checkpoint.dir",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What the training loop reads.
+
+    kind: "digits" (built-in handwritten digits VQA, the default job), "synthetic" (deterministic random
+      tokens with example ids, for tests and benchmarks), or any source kind of `aki_jax.data`, configured
+      by `options` (passed through unchanged).
+    batch_size: global batch (rows per optimizer step, before gradient accumulation splits it).
+    seq_len: row length after padding / packing.
+    packing: pack several examples per row (segment ids) instead of padding each to seq_len.
+    images_per_row: image slots per row (pixel_values f32[B, I, S, S, 3]).
+    eval_examples: held-out examples evaluated (0: all).
+    """
+
+    kind: str = "digits"
+    batch_size: int = 32
+    seq_len: int = 64
+    packing: bool = False
+    images_per_row: int = 1
+    seed: int = 0
+    workers: int = 0
+    eval_examples: int = 0
+    eval_batch_size: int = 64
+    tokenizer_vocab_size: int = 0
+    options: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a warmup + cosine schedule down to `min_lr`; decay is skipped for biases and norm scales.
+
+    grad_accum: micro-batches per step (the global batch is split into this many; same result, less memory).
+    """
+
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 50
+    total_steps: int = 1000
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under `dir/checkpoints`, the resolved config at `dir/config.json`, the final
+    model (`save_pretrained` layout) at `dir/model`. every_steps=0 saves only at the end."""
+
+    dir: str = "runs/tiny_digits"
+    every_steps: int = 200
+    keep: int = 3
+    keep_best: bool = False  # keep the `keep` best by eval accuracy instead of the most recent
+    async_save: bool = True
+    export_pretrained: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Progress bar, `dir/metrics.jsonl`, TensorBoard events in `dir/tensorboard`, and a PNG plot.
+
+    peak_flops_per_device: for MFU; 0 picks a table value for known accelerators, or measures a large
+    matmul on CPU at startup (so MFU is relative to what this machine really reaches).
+    """
+
+    every_steps: int = 10
+    progress_bar: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+    peak_flops_per_device: float = 0.0
+    record_example_ids: bool = False  # write each step's example ids to dir/example_ids.jsonl (resume tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    every_steps: int = 0  # 0: only at the end
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """Testing hooks: `kill_at_step` SIGKILLs this process right after that step (no cleanup at all)."""
+
+    kill_at_step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: AKIConfig = AKIConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimizerConfig = OptimizerConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
+    fault: FaultConfig = FaultConfig()
+    seed: int = 0
+    init_from: str | None = None  # a pretrained folder (`aki_jax.load_pretrained`) to start from
+    resume: bool = False  # continue from the latest checkpoint in checkpoint.dir
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, data, "TrainConfig")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _from_dict(klass, data: dict, where: str):
+    if klass is AKIConfig:
+        return AKIConfig.from_dict(data)
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(klass)
+    values = {}
+    for name, value in data.items():
+        sub = hints[name]
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = _from_dict(sub, value, f"{where}.{name}")
+        values[name] = value
+    return klass(**values)
+
+
+def load_config_file(path: str | Path) -> TrainConfig:
+    """Run a config file and call its `get_config()`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"aki_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"{path}: a config file must define get_config() -> TrainConfig")
+    config = module.get_config()
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
+    return config
+
+
+def parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `key=value` strings in order; errors name the unknown key and list the valid ones."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = ALIASES.get(key.strip(), key.strip())
+        config = set_path(config, key.split("."), parse_value(text), key)
+    return config
+
+
+def set_path(node, path: list[str], value, full: str):
+    """A copy of dataclass `node` with the field at `path` set to `value` (type-checked and coerced)."""
+    if not dataclasses.is_dataclass(node):
+        if isinstance(node, dict):  # free-form dicts (data.options, mesh.rules) take any key
+            if len(path) == 1:
+                return {**node, path[0]: value}
+            return {**node, path[0]: set_path(node.get(path[0], {}), path[1:], value, full)}
+        raise ValueError(f"override {full}: {type(node).__name__} has no field {path[0]!r}")
+    names = [f.name for f in dataclasses.fields(node)]
+    name = path[0]
+    if name not in names:
+        raise ValueError(f"override {full}: unknown field {name!r}; valid here: {names}")
+    current = getattr(node, name)
+    if len(path) > 1:
+        new = set_path(current, path[1:], value, full)
+    elif isinstance(node, TrainConfig) and name == "model" and isinstance(value, str):
+        new = preset(value)
+    else:
+        new = _coerce(current, value, typing.get_type_hints(type(node))[name], full)
+    return dataclasses.replace(node, **{name: new})
+
+
+def _coerce(current, value, hint, full: str):
+    allowed = _allowed_types(hint)
+    if value is None:
+        if type(None) in allowed or current is None:
+            return None
+        raise ValueError(f"override {full}: null is not allowed here")
+    if bool in allowed and isinstance(value, bool):
+        return value
+    if float in allowed and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if int in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if int in allowed and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if str in allowed:
+        return str(value) if not isinstance(value, dict | list) else json.dumps(value)
+    if tuple in allowed and isinstance(value, list):
+        return tuple(value)
+    if dict in allowed and isinstance(value, dict):
+        return value
+    raise ValueError(f"override {full}: {value!r} is not a valid {hint}")
+
+
+def _allowed_types(hint) -> set:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        out = set()
+        for arg in typing.get_args(hint):
+            out |= _allowed_types(arg)
+        return out
+    if origin is not None:
+        return {origin}
+    return {hint}

@@ -1,0 +1,287 @@
+"""The training program: build everything from a `TrainConfig`, run steps, evaluate, checkpoint, export.
+
+`train(config)` is what `python train.py` calls. It runs unchanged from one CPU to a multi-host pod: the
+mesh comes from `config.mesh`, each process feeds its own rows (`make_global_batch`), and every array
+is created directly in its sharded layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from aki_jax import sharding
+from aki_jax.training import flops as flops_lib
+from aki_jax.training.checkpointing import Checkpointer, abstract_with_shardings
+from aki_jax.training.config import TrainConfig
+from aki_jax.training.data import DataBundle, build_data
+from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from aki_jax.training.reporting import Reporter, format_summary, plot_metrics
+from aki_jax.training.state import count_params, init_state, split_trainable, state_shardings
+from aki_jax.training.step import eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints after the current step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:  # all hosts must agree on the step at which they stop
+            from jax.experimental import multihost_utils
+
+            return self.requested or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+
+def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
+    """Run the configured job; returns the summary dict (also printed and written to summary.json)."""
+    sharding.initialize_distributed()
+    out_dir = Path(config.checkpoint.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = build_data(config) if data is None else data
+    model_config = data.model_config
+    config = dataclasses.replace(config, model=model_config)
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_rules(config.mesh)
+    divisor = sharding.batch_divisor(mesh, rules)
+    if config.data.batch_size % (divisor * config.optim.grad_accum):
+        raise ValueError(
+            f"data.batch_size={config.data.batch_size} must be a multiple of the batch-sharded devices ({divisor}) "
+            f"x optim.grad_accum ({config.optim.grad_accum})"
+        )
+    optimizer = make_optimizer(config.optim)
+    schedule = learning_rate_schedule(config.optim)
+    abstract, shardings = state_shardings(model_config, optimizer, mesh, rules, config.seed)
+
+    checkpointer = Checkpointer(
+        out_dir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.keep_best,
+        config.checkpoint.async_save,
+    )  # fmt: skip
+    state, start_step = _initial_state(config, optimizer, abstract, shardings, checkpointer, data)
+    if jax.process_index() == 0:
+        config.to_json(out_dir / "config.json")
+
+    total = config.optim.total_steps
+    first = next(data.train)
+    data_pending = [first]
+    batch_shardings = {
+        k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in first.items() if k != "example_ids"
+    }
+    step_fn = make_train_step(model_config, optimizer, schedule, config.optim.grad_accum, shardings, batch_shardings)
+    rows, length = config.data.batch_size, first["input_ids"].shape[1]
+    images = first["pixel_values"].shape[1] if "pixel_values" in first else 0
+    step_flops = flops_lib.train_step_flops(model_config, rows, length, images)
+    peak = _peak_flops(config)
+    n_trainable = count_params(split_trainable(abstract["params"], model_config)[0])
+    reporter = Reporter(out_dir, total, start_step, config.logging.progress_bar, config.logging.tensorboard)
+    reporter.write(
+        f"AKI {count_params(abstract['params']) / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained), "
+        f"mesh {dict(mesh.shape)}, batch {rows}x{length}, steps {start_step}->{total}, data: {data.description}"
+    )
+    ids_file = (out_dir / "example_ids.jsonl").open("a") if config.logging.record_example_ids else None
+
+    timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
+    history = []
+    eval_result = None
+    step = start_step
+    with _Preemption() as preemption, sharding.activation_context(mesh, rules):
+        while step < total:
+            batch = data_pending.pop() if data_pending else next(data.train)
+            example_ids = batch.pop("example_ids", None)
+            global_batch = sharding.make_global_batch(batch, mesh, rules)
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, global_batch)
+            step += 1
+            if timer["compile_s"] is None:
+                jax.block_until_ready(metrics)
+                timer.update(compile_s=time.perf_counter() - t0, start=time.perf_counter(), steps=0)
+            else:
+                timer["steps"] += 1
+            if ids_file is not None and example_ids is not None:
+                ids_file.write(json.dumps({"step": step, "ids": example_ids.tolist()}) + "\n")
+                ids_file.flush()
+            if step % config.logging.every_steps == 0 or step == total:
+                record = _metrics_record(metrics, timer, step_flops, rows * length, peak)
+                history.append(record)
+                reporter.log(step, record)
+            reporter.advance()
+            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+                eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+                reporter.log(step, eval_result, split="eval")
+            checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result))
+            if config.fault.kill_at_step and step == config.fault.kill_at_step:
+                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
+            if preemption.should_stop(step):
+                reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
+                checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
+                break
+        else:
+            eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+            reporter.log(step, eval_result, split="eval")
+            checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
+    checkpointer.wait()
+    checkpointer.close()
+    reporter.close()
+    if ids_file is not None:
+        ids_file.close()
+
+    summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
+    if step == total:
+        if config.checkpoint.export_pretrained:
+            summary["pretrained_dir"] = str(_export(out_dir / "model", model_config, state["params"], data))
+        if config.logging.plot and jax.process_index() == 0:
+            summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
+    if jax.process_index() == 0:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _initial_state(config: TrainConfig, optimizer, abstract, shardings, checkpointer: Checkpointer, data):
+    """(state, first step): restored from the latest checkpoint, or initialised (randomly / from --init-from)."""
+    latest = checkpointer.latest_step()
+    if config.resume and latest is not None:
+        state, data_state = checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+        data.train.set_state(data_state)
+        log.info("resumed from step %d", latest)
+        return state, int(latest)
+    if latest is not None and not config.resume:
+        raise FileExistsError(
+            f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass --resume to continue "
+            f"or choose another checkpoint.dir"
+        )
+    model_config = config.model
+    if config.init_from:
+        params = load_params(config.init_from, model_config, shardings["params"])
+        init = jax.jit(lambda p: init_state(model_config, optimizer, config.seed, p), out_shardings=shardings)
+        return init(params), 0
+    init = jax.jit(lambda: init_state(model_config, optimizer, config.seed), out_shardings=shardings)
+    return init(), 0
+
+
+def load_params(directory: str, model_config, param_shardings):
+    """Params of a pretrained folder (`aki_jax.load_pretrained`), checked against the model config."""
+    from aki_jax.checkpoint import load_pretrained
+
+    _, params, _ = load_pretrained(directory, sharding=param_shardings)
+    expected = jax.tree.map(lambda s: s.shape, param_shardings_shapes(model_config))
+    got = jax.tree.map(lambda x: x.shape, params)
+    if expected != got:
+        raise ValueError(f"--init-from {directory}: its parameter shapes do not match the configured model")
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings)
+
+
+def param_shardings_shapes(model_config):
+    from aki_jax.model import abstract_params
+
+    return abstract_params(model_config)[0]
+
+
+def evaluate(params, data: DataBundle, model_config, mesh, rules) -> dict:
+    """Held-out answer exact-match accuracy (teacher-forced argmax == greedy decoding) and loss."""
+    if not data.eval_batches:
+        return {}
+    fn = _eval_fn(model_config)
+    correct = loss_sum = count = n = 0
+    p, n_proc = jax.process_index(), jax.process_count()
+    for batch in data.eval_batches:
+        valid = batch["valid"]
+        inputs = {k: v for k, v in batch.items() if k not in ("valid", "example_ids")}
+        rows = valid.shape[0] // n_proc
+        local = {k: v[p * rows : (p + 1) * rows] for k, v in inputs.items()}
+        ok, ls, c = jax.device_get(fn(params, sharding.make_global_batch(local, mesh, rules)))
+        correct += int((ok & valid).sum())
+        loss_sum += float((ls * valid).sum())
+        count += float((c * valid).sum())
+        n += int(valid.sum())
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(count, 1.0), "examples": n}
+
+
+_EVAL_FNS = {}
+
+
+def _eval_fn(model_config):
+    if model_config not in _EVAL_FNS:
+        _EVAL_FNS[model_config] = jax.jit(lambda p, b: eval_step(p, b, config=model_config))
+    return _EVAL_FNS[model_config]
+
+
+def _metrics_record(metrics, timer, step_flops, tokens_per_step, peak) -> dict:
+    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    elapsed = time.perf_counter() - timer["start"]
+    if timer["steps"] > 0 and elapsed > 0:
+        steps_per_s = timer["steps"] / elapsed
+        record["steps_per_s"] = steps_per_s
+        record["tokens_per_s"] = steps_per_s * tokens_per_step
+        record["tflops_per_s"] = steps_per_s * step_flops / 1e12
+        if peak:
+            record["mfu"] = steps_per_s * step_flops / (peak * jax.device_count())
+    return record
+
+
+def _peak_flops(config: TrainConfig) -> float | None:
+    if config.logging.peak_flops_per_device > 0:
+        return config.logging.peak_flops_per_device
+    peak = flops_lib.peak_flops_per_device(jax.devices()[0])
+    if peak is None and jax.devices()[0].platform == "cpu":
+        # The CPU "devices" share the machine: measured whole-machine rate split across them.
+        peak = flops_lib.measure_matmul_peak(1024, "float32", 3) / jax.device_count()
+    return peak
+
+
+def _ckpt_metrics(eval_result):
+    return {"eval_accuracy": eval_result["accuracy"]} if eval_result else None
+
+
+def _summary(config, step, total, history, eval_result, timer, n_trainable, abstract) -> dict:
+    last = history[-1] if history else {}
+    summary = {
+        "steps": step,
+        "finished": step == total,
+        "trainable_params": n_trainable,
+        "total_params": count_params(abstract["params"]),
+        "attention": config.model.attention,
+        "final_train_loss": last.get("loss"),
+        "final_train_token_accuracy": last.get("accuracy"),
+        "tokens_per_s": last.get("tokens_per_s"),
+        "mfu": last.get("mfu"),
+        "compile_s": timer["compile_s"],
+        "train_wall_s": time.perf_counter() - timer["start"],
+        "checkpoint_dir": str(Path(config.checkpoint.dir) / "checkpoints"),
+    }
+    if eval_result:
+        summary["heldout_accuracy"] = eval_result["accuracy"]
+        summary["heldout_loss"] = eval_result["loss"]
+        summary["heldout_examples"] = eval_result["examples"]
+    return summary
+
+
+def _export(directory: Path, model_config, params, data: DataBundle) -> Path:
+    from aki_jax.checkpoint import save_pretrained
+
+    save_pretrained(directory, model_config, params, tokenizer_dir=data.tokenizer_dir)
+    return directory

@@ -1,0 +1,18 @@
+"""The default job: a tiny AKI learns to answer questions about handwritten digits, in minutes on a CPU.
+
+python train.py                       # this config (MMA, the paper's attention)
+python train.py attention=causal      # the same job with plain causal attention (ablation)
+"""
+
+from aki_jax.config import tiny
+from aki_jax.training.config import CheckpointConfig, DataConfig, LogConfig, OptimizerConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        model=tiny(),
+        data=DataConfig(kind="digits", batch_size=32, seq_len=64),
+        optim=OptimizerConfig(lr=3e-3, min_lr=1e-4, warmup_steps=50, total_steps=600, weight_decay=0.01),
+        checkpoint=CheckpointConfig(dir="runs/tiny_digits", every_steps=200, keep=2),
+        logging=LogConfig(every_steps=10),
+    )
