@@ -269,6 +269,13 @@ def raise_for_keys(report: Report, source: str = "checkpoint") -> None:
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+def as_dtype(dtype) -> np.dtype:
+    """A numpy dtype from a name or dtype; "bfloat16" included (via ml_dtypes)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
 def _check_tensor(key: str, x, want_shape, want_dtype) -> None:
     if tuple(x.shape) != tuple(want_shape):
         raise ConversionError(f"tensor {key!r}: shape {tuple(x.shape)} in the checkpoint, expected {tuple(want_shape)}")
@@ -280,6 +287,21 @@ def _check_tensor(key: str, x, want_shape, want_dtype) -> None:
         )
 
 
+def tensor_shape(state_dict: Mapping, key: str) -> tuple[int, ...]:
+    """A tensor's shape, from the header where the mapping can tell it without reading the data."""
+    if hasattr(state_dict, "shape"):
+        return tuple(state_dict.shape(key))
+    return tuple(state_dict[key].shape)
+
+
+def validate_shapes(state_dict: Mapping, config: AKIConfig) -> None:
+    """Check every expected tensor's shape before anything is converted; raises naming the tensor."""
+    for key, want in expected_torch_shapes(config).items():
+        shape = tensor_shape(state_dict, key)
+        if shape != tuple(want):
+            raise ConversionError(f"tensor {key!r}: shape {shape} in the checkpoint, expected {tuple(want)}")
+
+
 def iter_params(
     state_dict: Mapping[str, np.ndarray], config: AKIConfig, dtype=None
 ) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
@@ -289,7 +311,7 @@ def iter_params(
     time. Per-layer tensors are written into one preallocated stacked leaf. `dtype`: cast every leaf
     to it (None keeps the source dtype). Keys are not checked here; see `check_keys`.
     """
-    cast = None if dtype is None else np.dtype(dtype)
+    cast = None if dtype is None else as_dtype(dtype)
     for entry in TABLE:
         shape = leaf_shape(config, entry)
         torch_shape = entry.transform.torch_shape(shape)
@@ -311,27 +333,25 @@ def iter_params(
         yield entry.path, leaf
 
 
-def iter_torch(params, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (original key, tensor as numpy) from an aki-jax param tree, in table order.
+def entry_to_torch(entry: Entry, leaf, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """The original tensors (key, contiguous numpy) held by one aki-jax leaf (per layer for stacked leaves)."""
+    leaf = np.asarray(leaf)
+    want = _leaf_shapes(config)[entry.path]
+    if tuple(leaf.shape) != want:
+        raise ConversionError(
+            f"aki-jax parameter {'/'.join(entry.path)}: shape {tuple(leaf.shape)}, expected {want} for this config"
+        )
+    if entry.layers is None:
+        yield entry.torch_key, np.ascontiguousarray(entry.transform.to_torch(leaf))
+    else:
+        for key, layer in zip(torch_keys(entry, config), leaf, strict=True):
+            yield key, np.ascontiguousarray(entry.transform.to_torch(layer))
 
-    Leaves may be numpy or jax arrays or anything `np.asarray` reads; per-layer tensors are sliced
-    from the stacked leaf, so one leaf is in host memory at a time when leaves are lazy.
-    """
+
+def iter_torch(params, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (original key, tensor as numpy) from an aki-jax param tree (numpy or jax leaves), in table order."""
     for entry in TABLE:
-        leaf = _get(params, entry.path)
-        if callable(leaf) and not hasattr(leaf, "shape"):
-            leaf = leaf()  # a lazy leaf: a zero-argument loader
-        leaf = np.asarray(leaf)
-        want = _leaf_shapes(config)[entry.path]
-        if tuple(leaf.shape) != want:
-            raise ConversionError(
-                f"aki-jax parameter {'/'.join(entry.path)}: shape {tuple(leaf.shape)}, expected {want} for this config"
-            )
-        if entry.layers is None:
-            yield entry.torch_key, np.ascontiguousarray(entry.transform.to_torch(leaf))
-        else:
-            for key, layer in zip(torch_keys(entry, config), leaf, strict=True):
-                yield key, np.ascontiguousarray(entry.transform.to_torch(layer))
+        yield from entry_to_torch(entry, _get(params, entry.path), config)
 
 
 def torch_to_params(state_dict: Mapping[str, np.ndarray], config: AKIConfig, dtype=None, strict: bool = True) -> dict:
@@ -344,6 +364,7 @@ def torch_to_params(state_dict: Mapping[str, np.ndarray], config: AKIConfig, dty
     report = check_keys(state_dict.keys(), config)
     if strict:
         raise_for_keys(report)
+        validate_shapes(state_dict, config)
     params: dict = {}
     for path, leaf in iter_params(state_dict, config, dtype):
         _set(params, path, leaf)
@@ -369,6 +390,9 @@ class _StrippedView(Mapping):
 
     def __getitem__(self, key):
         return self._source[self._keys[key]]
+
+    def shape(self, key) -> tuple[int, ...]:
+        return tensor_shape(self._source, self._keys[key])
 
     def __iter__(self):
         return iter(self._keys)

@@ -1,0 +1,233 @@
+"""The "pretrained folder": an aki-jax model on disk, and how to read it back.
+
+Layout (written by `save_pretrained` or by `tools/convert_pytorch_to_orbax.py`):
+
+    dir/aki_config.json      AKIConfig JSON
+    dir/params/              Orbax checkpoint of the param tree (orbax-checkpoint v1 layout: a plain
+                             `ocp.v1.load(dir / "params")` restores it; v0 `PyTreeCheckpointer().restore(
+                             dir / "params" / "state")` does too)
+    dir/tokenizer.json ...   tokenizer files, when there is a tokenizer
+    dir/config.json          (converted checkpoints only) the original model's constructor arguments,
+                             kept so that an export reproduces them
+
+`load_pretrained(dir, dtype=None, sharding=None)` -> (AKI model, params, tokenizer or None). `dtype` casts
+every parameter on restore (and sets `config.param_dtype`); `sharding` places them: one
+`jax.sharding.Sharding` for all leaves, a pytree of shardings shaped like the params, or a callable
+`(path: tuple[str, ...], jax.ShapeDtypeStruct) -> Sharding`. Each process reads only what its shards need.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aki_jax.config import AKIConfig
+
+CONFIG_FILE = "aki_config.json"
+PARAMS_DIR = "params"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+def _ocp():
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    return ocp
+
+
+def _context(compress: bool):
+    ctx = _ocp().Context()
+    ctx.array.saving.use_compression = compress
+    return ctx
+
+
+def copy_tokenizer_files(src: str | Path | None, dst: str | Path) -> list[str]:
+    """Copy the tokenizer files found in `src` into `dst`; returns their names."""
+    if src is None:
+        return []
+    src, copied = Path(src), []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_pretrained(
+    directory: str | Path, config: AKIConfig, params, tokenizer_dir: str | Path | None = None, compress: bool = True
+) -> Path:
+    """Write config, params (Orbax) and tokenizer files to `directory` (created; must not hold params yet)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if (directory / PARAMS_DIR).exists():
+        raise FileExistsError(f"{directory / PARAMS_DIR} already exists")
+    config.to_json(directory / CONFIG_FILE)
+    with _context(compress):
+        _ocp().save_pytree(directory / PARAMS_DIR, params)
+    copy_tokenizer_files(tokenizer_dir, directory)
+    return directory
+
+
+def write_params_streaming(
+    path: str | Path,
+    leaves: Iterable[tuple[tuple[str, ...], np.ndarray]],
+    compress: bool = False,
+    batch_bytes: int = 256 << 20,
+) -> int:
+    """Write an Orbax param checkpoint from (path tuple, leaf) pairs without holding them all.
+
+    Leaves are gathered until `batch_bytes` and written as one orbax partial save, then released, so
+    peak memory is about `batch_bytes` plus the largest leaf. `ocp.v1.partial.finalize` then makes it an
+    ordinary checkpoint (`ocp.v1.load` restores it). Returns the bytes of array data written.
+    """
+    ocp, total = _ocp(), 0
+    batch: dict[str, Any] = {}
+    pending = 0
+    with _context(compress):
+        for path_tuple, leaf in leaves:
+            node = batch
+            for key in path_tuple[:-1]:
+                node = node.setdefault(key, {})
+            node[path_tuple[-1]] = leaf
+            pending += leaf.nbytes
+            total += leaf.nbytes
+            del node, leaf
+            if pending >= batch_bytes:
+                ocp.partial.save(path, batch)
+                batch, pending = {}, 0
+        if batch:
+            ocp.partial.save(path, batch)
+        del batch
+        ocp.partial.finalize(path)
+    return total
+
+
+def params_metadata(path: str | Path) -> dict:
+    """{path tuple: (shape, dtype)} of every leaf saved in an Orbax param checkpoint; nothing is read."""
+    meta = _ocp().pytree_metadata(path).metadata
+    return {
+        tuple(k.key for k in p): (tuple(m.shape), np.dtype(m.dtype))
+        for p, m in jax.tree_util.tree_leaves_with_path(meta)
+    }
+
+
+def iter_leaves(
+    path: str | Path, leaf_paths: list[tuple[str, ...]], batch_bytes: int = 256 << 20
+) -> Iterable[tuple[tuple[str, ...], np.ndarray]]:
+    """Leaves of an Orbax param checkpoint as host numpy arrays, in `leaf_paths` order.
+
+    Consecutive leaves are restored together up to `batch_bytes` (the rest of the tree is skipped with
+    orbax PLACEHOLDERs), so memory stays about `batch_bytes` plus the largest leaf.
+    """
+    ocp = _ocp()
+    meta = ocp.pytree_metadata(path).metadata
+    sizes = {
+        tuple(k.key for k in p): int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize
+        for p, m in jax.tree_util.tree_leaves_with_path(meta)
+    }
+    groups, group, pending = [], [], 0
+    for leaf_path in leaf_paths:
+        group.append(tuple(leaf_path))
+        pending += sizes[tuple(leaf_path)]
+        if pending >= batch_bytes:
+            groups.append(group)
+            group, pending = [], 0
+    if group:
+        groups.append(group)
+    for group in groups:
+        wanted = set(group)
+        abstract = jax.tree_util.tree_map_with_path(
+            lambda p, m, wanted=wanted: m if tuple(k.key for k in p) in wanted else ocp.PLACEHOLDER, meta
+        )
+        tree = ocp.load(path, abstract)
+        for leaf_path in group:
+            node = tree
+            for key in leaf_path:
+                node = node[key]
+            yield leaf_path, np.asarray(node)
+        del tree, node
+
+
+def _resolve_sharding(sharding, abstract):
+    """Per-leaf shardings for `abstract` (a ShapeDtypeStruct tree) from the user's `sharding` argument."""
+    if sharding is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda _: sharding, abstract)
+    if callable(sharding):
+        return jax.tree_util.tree_map_with_path(lambda p, s: sharding(tuple(k.key for k in p), s), abstract)
+    return sharding  # a pytree of shardings shaped like the params
+
+
+def load_params(path: str | Path, config: AKIConfig, dtype=None, sharding=None):
+    """Restore the param tree at `path`, checked against `config`'s shapes, cast to `dtype`, placed by `sharding`."""
+    from aki_jax.model import abstract_params
+
+    saved = params_metadata(path)
+    expected, _ = abstract_params(config)
+    problems = []
+    for p, leaf in jax.tree_util.tree_leaves_with_path(expected):
+        key = tuple(k.key for k in p)
+        if key not in saved:
+            problems.append(f"{'/'.join(key)} missing (expected {tuple(leaf.shape)})")
+        elif saved[key][0] != tuple(leaf.shape):
+            problems.append(f"{'/'.join(key)}: shape {saved[key][0]} in the checkpoint, config expects {leaf.shape}")
+    extra = set(saved) - {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(expected)}
+    problems += [f"{'/'.join(k)}: not a parameter of this config" for k in sorted(extra)]
+    if problems:
+        raise ValueError(f"{path}: params do not match the config: " + "; ".join(problems))
+    abstract = jax.tree_util.tree_map_with_path(
+        lambda p, leaf: jax.ShapeDtypeStruct(
+            leaf.shape, jnp.dtype(dtype) if dtype is not None else saved[tuple(k.key for k in p)][1]
+        ),
+        expected,
+    )
+    shardings = _resolve_sharding(sharding, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return _ocp().load(path, abstract)
+
+
+def load_pretrained(
+    directory: str | Path, dtype=None, sharding: Any | Callable | None = None, compute_dtype=None
+) -> tuple[Any, Any, Any]:
+    """(AKI model, params, tokenizer or None) from a pretrained folder.
+
+    dtype: parameter dtype after restore (e.g. "bfloat16"); also becomes `config.param_dtype`.
+    compute_dtype: optional new `config.dtype` (activations).
+    sharding: see the module docstring.
+    """
+    from aki_jax.model import AKI
+
+    directory = Path(directory)
+    if not (directory / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not an aki-jax pretrained folder")
+    config = AKIConfig.from_json(directory / CONFIG_FILE)
+    changes = {}
+    if dtype is not None:
+        changes["param_dtype"] = jnp.dtype(dtype).name
+    if compute_dtype is not None:
+        changes["dtype"] = jnp.dtype(compute_dtype).name
+    if changes:
+        config = config.replace(**changes)
+    params = load_params(directory / PARAMS_DIR, config, dtype, sharding)
+    tokenizer = None
+    if (directory / "tokenizer.json").is_file() or (directory / "tokenizer.model").is_file():
+        from aki_jax.processing.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(directory)
+    return AKI(config), params, tokenizer

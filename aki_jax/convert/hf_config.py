@@ -1,0 +1,233 @@
+"""Translate the original checkpoint's configs into an `AKIConfig`, and back.
+
+A released AKI folder's `config.json` holds the constructor arguments of the original model
+(`vision_encoder_path`, `lang_model_path`, `initial_tokenizer_len`, `pad_token_id`, `num_vision_tokens`,
+...). The two towers' shapes live in *their* configs: a SigLIP `config.json` (full SiglipConfig with a
+`vision_config` entry, or a SiglipVisionConfig) and a Phi-3 `config.json`. Hubs are often unreachable,
+so each is looked up in this order:
+  1. a file passed explicitly (`--vision-config`, `--lm-config`);
+  2. `<vision_encoder_path>/config.json` / `<lang_model_path>/config.json` when those are local folders
+     (absolute, or relative to the checkpoint folder);
+  3. `vision_encoder/config.json` / `lang_model/config.json` inside the checkpoint folder (what
+     `export_to_pytorch` writes);
+  4. the built-in aki-4b preset for that tower, with a message saying so.
+An `aki_config.json` inside the folder (written by aki-jax) wins over all of this.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from aki_jax.config import AKIConfig, DecoderConfig, RopeScaling, VisionConfig, aki_4b
+
+# Defaults of transformers' SiglipVisionConfig / Phi3Config, used for fields a config.json omits.
+SIGLIP_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+)  # fmt: skip
+PHI3_DEFAULTS = dict(
+    vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+    rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, original_max_position_embeddings=4096,
+    hidden_act="silu",
+)  # fmt: skip
+AKI_4B_VISION_HUB = "google/siglip-so400m-patch14-384"
+AKI_4B_LM_HUB = "microsoft/Phi-3.5-mini-instruct"
+
+
+def vision_from_siglip(data: dict, where: str = "vision config") -> VisionConfig:
+    if "vision_config" in data:  # a full SiglipConfig
+        data = data["vision_config"] or {}
+    v = {**SIGLIP_DEFAULTS, **{k: val for k, val in data.items() if val is not None}}
+    if v["hidden_act"] != "gelu_pytorch_tanh":
+        raise ValueError(f"{where}: hidden_act {v['hidden_act']!r}; aki-jax's SigLIP uses gelu_pytorch_tanh")
+    return VisionConfig(
+        image_size=int(v["image_size"]),
+        patch_size=int(v["patch_size"]),
+        num_channels=int(v["num_channels"]),
+        hidden_size=int(v["hidden_size"]),
+        intermediate_size=int(v["intermediate_size"]),
+        num_layers=int(v["num_hidden_layers"]),
+        num_heads=int(v["num_attention_heads"]),
+        layer_norm_eps=float(v["layer_norm_eps"]),
+    )
+
+
+def decoder_from_phi3(data: dict, where: str = "language-model config") -> DecoderConfig:
+    d = {**PHI3_DEFAULTS, **{k: val for k, val in data.items() if val is not None}}
+    heads = int(d["num_attention_heads"])
+    kv_heads = int(d.get("num_key_value_heads") or heads)
+    if kv_heads != heads:
+        raise ValueError(f"{where}: num_key_value_heads {kv_heads} != num_attention_heads {heads} (GQA unsupported)")
+    if d["hidden_act"] != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r}; the Phi-3 decoder uses silu")
+    # transformers >= 5 writes `rope_parameters` (with rope_theta inside); older configs `rope_scaling`.
+    scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}
+    theta = float(scaling.get("rope_theta", d["rope_theta"]))
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if float(scaling.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ValueError(f"{where}: partial_rotary_factor != 1 is not supported")
+    rope = None
+    if kind in ("longrope", "su"):
+        original = int(scaling.get("original_max_position_embeddings", d["original_max_position_embeddings"]))
+        rope = RopeScaling(
+            short_factor=tuple(float(x) for x in scaling["short_factor"]),
+            long_factor=tuple(float(x) for x in scaling["long_factor"]),
+            original_max_position_embeddings=original,
+        )
+    elif kind not in (None, "default"):
+        raise ValueError(f"{where}: rope scaling type {kind!r} is not supported (expected 'longrope', 'su' or none)")
+    return DecoderConfig(
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=heads,
+        rms_norm_eps=float(d["rms_norm_eps"]),
+        rope_theta=theta,
+        max_position_embeddings=int(d["max_position_embeddings"]),
+        rope_scaling=rope,
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read config ({e})") from e
+
+
+def _find_sub_config(explicit, folder: Path | None, hub_or_path, default_sub: str) -> Path | None:
+    if explicit is not None:
+        path = Path(explicit)
+        return path / "config.json" if path.is_dir() else path
+    candidates = []
+    if hub_or_path:
+        p = Path(hub_or_path)
+        candidates.append(p if p.is_absolute() else (folder / p if folder else p))
+    if folder is not None:
+        candidates.append(folder / default_sub)
+    for c in candidates:
+        if (c / "config.json").is_file():
+            return c / "config.json"
+    return None
+
+
+def translate_config(
+    folder: str | Path | None,
+    lm_config: str | Path | None = None,
+    vision_config: str | Path | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[AKIConfig, dict]:
+    """(AKIConfig, the original constructor arguments from config.json or {}) for a checkpoint folder.
+
+    `folder` may be None (a bare .pt file): then only explicit sub-config files and the preset are used.
+    """
+    folder = Path(folder) if folder is not None else None
+    if folder is not None and (folder / "aki_config.json").is_file():
+        log(f"using {folder / 'aki_config.json'} (written by aki-jax)")
+        original = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+        return AKIConfig.from_json(folder / "aki_config.json"), original
+    original = {}
+    if folder is not None and (folder / "config.json").is_file():
+        original = _read_json(folder / "config.json")
+    preset = aki_4b()
+
+    path = _find_sub_config(vision_config, folder, original.get("vision_encoder_path"), "vision_encoder")
+    if path is not None:
+        vision = vision_from_siglip(_read_json(path), str(path))
+        log(f"vision tower config: {path}")
+    else:
+        vision = preset.vision
+        log(
+            f"vision tower config: not found (vision_encoder_path={original.get('vision_encoder_path')!r} is not a "
+            "local folder and no --vision-config was given); using the built-in aki-4b preset (SigLIP so400m/14@384)"
+        )
+    path = _find_sub_config(lm_config, folder, original.get("lang_model_path"), "lang_model")
+    if path is not None:
+        decoder = decoder_from_phi3(_read_json(path), str(path))
+        log(f"language model config: {path}")
+    else:
+        decoder = preset.decoder
+        log(
+            f"language model config: not found (lang_model_path={original.get('lang_model_path')!r} is not a local "
+            "folder and no --lm-config was given); using the built-in aki-4b preset (Phi-3.5-mini)"
+        )
+    resampler = preset.resampler
+    if original.get("num_vision_tokens"):
+        resampler = type(resampler)(**{**resampler.__dict__, "num_latents": int(original["num_vision_tokens"])})
+    config = AKIConfig(
+        vision=vision,
+        resampler=resampler,
+        decoder=decoder,
+        initial_tokenizer_len=int(original.get("initial_tokenizer_len", preset.initial_tokenizer_len)),
+        pad_token_id=int(original.get("pad_token_id", preset.pad_token_id)),
+    )
+    if not original:
+        log("no config.json with the original constructor arguments: initial_tokenizer_len/pad_token_id from aki-4b")
+    return config, original
+
+
+def siglip_config_dict(config: AKIConfig) -> dict:
+    """A SiglipVisionConfig-style config.json for the vision tower."""
+    v = config.vision
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "num_channels": v.num_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": v.layer_norm_eps,
+    }
+
+
+def phi3_config_dict(config: AKIConfig) -> dict:
+    """A Phi-3 config.json (the transformers 4.x `rope_scaling` spelling, which 5.x also reads)."""
+    d = config.decoder
+    out = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "vocab_size": d.vocab_size,
+        "hidden_size": d.hidden_size,
+        "intermediate_size": d.intermediate_size,
+        "num_hidden_layers": d.num_layers,
+        "num_attention_heads": d.num_heads,
+        "num_key_value_heads": d.num_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": d.rms_norm_eps,
+        "rope_theta": d.rope_theta,
+        "max_position_embeddings": d.max_position_embeddings,
+        "tie_word_embeddings": False,
+    }
+    if d.rope_scaling is not None:
+        out["original_max_position_embeddings"] = d.rope_scaling.original_max_position_embeddings
+        out["rope_scaling"] = {
+            "type": "longrope",
+            "short_factor": list(d.rope_scaling.short_factor),
+            "long_factor": list(d.rope_scaling.long_factor),
+        }
+    return out
+
+
+def original_constructor_args(config: AKIConfig, recorded: dict | None = None) -> dict:
+    """The original model's config.json (PyTorchModelHubMixin constructor arguments).
+
+    Starts from the arguments recorded at import (if any) so unknown fields survive a round trip;
+    the fields aki-jax knows are overwritten from `config`.
+    """
+    out = {"vision_encoder_path": AKI_4B_VISION_HUB, "lang_model_path": AKI_4B_LM_HUB}
+    out.update(recorded or {})
+    out.update(
+        {
+            "initial_tokenizer_len": config.initial_tokenizer_len,
+            "pad_token_id": config.pad_token_id,
+            "num_vision_tokens": config.resampler.num_latents,
+        }
+    )
+    out.setdefault("decoder_layers_attr_name", "model.layers")
+    return out

@@ -1,0 +1,124 @@
+"""PyTorch AKI checkpoint -> aki-jax pretrained folder, streamed leaf by leaf, all-or-nothing.
+
+    report = convert_pytorch_to_orbax("AKI-4B/", "aki-4b-jax/", dtype="bfloat16")
+
+Order of work: open the source (headers only), translate the config, check every key and shape
+against the mapping table (nothing is written before this passes), then stream: each aki-jax leaf is
+assembled from its tensors, written as an Orbax partial save and released. Everything goes to a
+temporary folder beside `dst` that is renamed to `dst` only at the end, so a failed conversion
+leaves nothing at `dst`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aki_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, copy_tokenizer_files, write_params_streaming
+from aki_jax.config import AKIConfig
+from aki_jax.convert.hf_config import translate_config
+from aki_jax.convert.mapping import (
+    TABLE,
+    as_dtype,
+    check_keys,
+    iter_params,
+    raise_for_keys,
+    strip_prefixes,
+    validate_shapes,
+)
+from aki_jax.convert.sources import open_checkpoint
+
+REPORT_FILE = "conversion_report.json"
+ORIGINAL_CONFIG_FILE = "config.json"
+
+
+@dataclasses.dataclass
+class ImportReport:
+    source: str
+    dst: str
+    config: dict
+    skipped: list[str]
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def convert_pytorch_to_orbax(
+    src: str | Path,
+    dst: str | Path,
+    dtype: str | None = None,
+    lm_config: str | Path | None = None,
+    vision_config: str | Path | None = None,
+    config: AKIConfig | None = None,
+    compress: bool = False,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> ImportReport:
+    """Convert `src` (folder, .safetensors, or .pt) into the pretrained folder `dst`.
+
+    dtype: cast every parameter ("float32", "bfloat16"); None keeps the checkpoint's dtype.
+    config: use this AKIConfig instead of translating the checkpoint's configs.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    state_dict, description = open_checkpoint(src)
+    log(f"source: {description}, {len(state_dict)} tensors")
+    folder = src if src.is_dir() else None
+    if config is None:
+        config, original_args = translate_config(folder, lm_config, vision_config, log=log)
+    else:
+        original_args = {}
+    if dtype is not None:
+        config = config.replace(param_dtype=as_dtype(dtype).name)
+    state_dict = strip_prefixes(state_dict)
+    keys = check_keys(state_dict.keys(), config)
+    raise_for_keys(keys, str(src))
+    validate_shapes(state_dict, config)
+    if keys.skipped:
+        log(f"skipped {len(keys.skipped)} tensors with no aki-jax parameter (SigLIP pooling head): {keys.skipped}")
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        config.to_json(tmp / CONFIG_FILE)
+        if original_args:
+            (tmp / ORIGINAL_CONFIG_FILE).write_text(json.dumps(original_args, indent=2) + "\n")
+        written = write_params_streaming(tmp / PARAMS_DIR, iter_params(state_dict, config, dtype), compress=compress)
+        copied = copy_tokenizer_files(folder, tmp)
+        if copied:
+            log(f"copied tokenizer files: {copied}")
+        report = ImportReport(
+            source=str(src),
+            dst=str(dst),
+            config=config.to_dict(),
+            skipped=keys.skipped,
+            tensors=len(state_dict) - len(keys.skipped),
+            bytes_written=written,
+            seconds=time.perf_counter() - start,
+        )
+        (tmp / REPORT_FILE).write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+        _replace_dir(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {dst}: {len(TABLE)} parameters, {written / 1e9:.3f} GB in {report.seconds:.1f} s")
+    return report
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Move the finished `tmp` to `dst` (an existing `dst` is removed only now, after success)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(dst)
