@@ -48,7 +48,7 @@ def split_indices(split: str, holdout_fraction: float = 0.2) -> np.ndarray:
 
 def render(scan, image_size: int) -> np.ndarray:
     """f32[8, 8] scan with values 0..16 -> uint8[image_size, image_size, 3], white on black."""
-    gray = Image.fromarray(np.clip(np.asarray(scan) * (255.0 / 16.0), 0, 255).astype(np.uint8))
+    gray = Image.fromarray(np.clip(np.round(np.asarray(scan) * (255.0 / 16.0)), 0, 255).astype(np.uint8))
     gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.repeat(np.asarray(gray)[..., None], 3, axis=-1)
 

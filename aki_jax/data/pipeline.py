@@ -271,9 +271,18 @@ def make_train_iterator(
     return _finish(ds, config, sources, batch, images, image_size, model_config, drop_remainder=True)
 
 
+def _absl_flags_ready() -> None:
+    """grain's worker processes read absl flags; outside an absl app nobody parses them, so use defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def _finish(ds, config, sources, batch, images, image_size, model_config, drop_remainder, packing=None):
     ds = ds.to_iter_dataset(_read_options(config))
     if config.workers > 0:
+        _absl_flags_ready()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
     counter = BadRecordCounter(ds, config.max_bad_fraction, config.bad_check_after)
     packing = config.packing if packing is None else packing
