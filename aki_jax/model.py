@@ -112,8 +112,8 @@ def dummy_inputs(config: AKIConfig, batch: int = 1, images: int = 1, text_length
 
 def init_params(config: AKIConfig, rng) -> dict:
     """Randomly initialised parameters (plain arrays; see `aki_jax.sharding` for their logical axes)."""
-    variables = AKI(config).init(rng, *dummy_inputs(config))
-    return nn.unbox(variables["params"])
+    inputs = dummy_inputs(config)
+    return jax.jit(lambda r: nn.unbox(AKI(config).init(r, *inputs)["params"]))(rng)
 
 
 def abstract_params(config: AKIConfig):
