@@ -73,7 +73,7 @@ def resolve_mesh_shape(config: MeshConfig, device_count: int) -> tuple[int, int,
     unknown = [i for i, s in enumerate(sizes) if s == -1]
     if len(unknown) > 1:
         raise ValueError(f"mesh: at most one axis may be -1, got data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}")
-    for name, s in zip(MESH_AXES, sizes):
+    for name, s in zip(MESH_AXES, sizes, strict=True):
         if s == 0 or s < -1:
             raise ValueError(f"mesh.{name} must be a positive size or -1, got {s}")
     known = math.prod(s for s in sizes if s != -1)
@@ -134,7 +134,7 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, ru
     """Mesh PartitionSpec for one array from its logical names; dims the mesh axes don't divide stay whole."""
     table = dict(rules)
     out, used = [], set()
-    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical))):
+    for dim, name in zip(shape, tuple(logical) + (None,) * (len(shape) - len(logical)), strict=True):
         axes = table.get(name) if name is not None else None
         if name is not None and name not in table:
             raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aki_jax.config import AKIConfig, preset
+from aki_jax.data.config import DataConfig
 from aki_jax.sharding import MeshConfig
 
 ALIASES = {
@@ -27,35 +28,9 @@ ALIASES = {
     "steps": "optim.total_steps",
     "lr": "optim.lr",
     "batch_size": "data.batch_size",
+    "seq_len": "data.seq_len",
     "output_dir": "checkpoint.dir",
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What the training loop reads.
-
-    kind: "digits" (built-in handwritten digits VQA, the default job), "synthetic" (deterministic random
-      tokens with example ids, for tests and benchmarks), or any source kind of `aki_jax.data`, configured
-      by `options` (passed through unchanged).
-    batch_size: global batch (rows per optimizer step, before gradient accumulation splits it).
-    seq_len: row length after padding / packing.
-    packing: pack several examples per row (segment ids) instead of padding each to seq_len.
-    images_per_row: image slots per row (pixel_values f32[B, I, S, S, 3]).
-    eval_examples: held-out examples evaluated (0: all).
-    """
-
-    kind: str = "digits"
-    batch_size: int = 32
-    seq_len: int = 64
-    packing: bool = False
-    images_per_row: int = 1
-    seed: int = 0
-    workers: int = 0
-    eval_examples: int = 0
-    eval_batch_size: int = 64
-    tokenizer_vocab_size: int = 0
-    options: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +83,15 @@ class LogConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    every_steps: int = 0  # 0: only at the end
+    """Held-out evaluation (`data.eval_sources`): answer exact-match accuracy and loss.
+
+    every_steps: 0 evaluates only at the end. batch_size: global rows per eval step (0: data.batch_size).
+    max_batches: stop after this many eval batches (0: the whole held-out set).
+    """
+
+    every_steps: int = 0
+    batch_size: int = 0
+    max_batches: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +103,8 @@ class FaultConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """Everything a run needs; `model` is an AKIConfig (config files call a preset: `aki_4b()`, `tiny()`)."""
+
     model: AKIConfig = AKIConfig()
     data: DataConfig = DataConfig()
     optim: OptimizerConfig = OptimizerConfig()
@@ -128,7 +113,9 @@ class TrainConfig:
     logging: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
     fault: FaultConfig = FaultConfig()
-    seed: int = 0
+    seed: int = 0  # parameter init and the train RNG (data shuffling has its own data.seed)
+    tokenizer: str | None = None  # tokenizer folder; None: for digits-only data, build the digits tokenizer
+    synthetic_data: bool = False  # deterministic random batches with example ids instead of `data` (tests)
     init_from: str | None = None  # a pretrained folder (`aki_jax.load_pretrained`) to start from
     resume: bool = False  # continue from the latest checkpoint in checkpoint.dir
 

@@ -1,17 +1,18 @@
-"""What training reads, built from `TrainConfig.data`: a resumable batch iterator and held-out batches.
+"""What training reads, built from a `TrainConfig`: a resumable batch iterator and a held-out pass.
 
-The sources themselves live in `aki_jax.data` (the data package); this module only adapts them to the
-loop: per-process batches in the shared batch format, an iterator with `get_state()/set_state()`, and
-held-out batches padded to whole eval batches (`valid` marks real rows).
+The pipelines live in `aki_jax.data`; this module only wires them to the loop: it picks the tokenizer
+(the built-in digits tokenizer for digits-only data, else `TrainConfig.tokenizer`), fits the model's
+vocabulary fields to it, and builds `make_train_iterator` / `make_eval_iterator`. With
+`synthetic_data=true` it yields deterministic random batches with example ids instead (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import jax
-import numpy as np
 
 from aki_jax.config import AKIConfig
 from aki_jax.training.synthetic import SyntheticBatches
@@ -19,49 +20,76 @@ from aki_jax.training.synthetic import SyntheticBatches
 
 @dataclasses.dataclass
 class DataBundle:
-    train: Iterator  # yields per-process batch dicts; has get_state() / set_state(state)
-    eval_batches: list[dict]  # global batches with a bool "valid" row mask
-    model_config: AKIConfig  # the configured model, with vocabulary sizes fitted to the tokenizer
+    train: Iterator  # per-process batch dicts; has get_state() / set_state(state)
+    make_eval: Callable[[], Iterable[dict]]  # a fresh held-out pass of per-process batches (empty rows: weight 0)
+    model_config: AKIConfig  # the configured model, vocabulary fields fitted to the tokenizer
     tokenizer_dir: str | None = None
     description: str = ""
 
+    def close(self):
+        close = getattr(self.train, "close", None)
+        if close is not None:
+            close()
+
 
 def build_data(config) -> DataBundle:
-    kind = config.data.kind
-    if kind == "synthetic":
+    if config.synthetic_data:
         return synthetic_data(config)
-    if kind == "digits":
-        from aki_jax.training.digits import digits_data
+    return pipeline_data(config)
 
-        return digits_data(config)
-    raise ValueError(f"data.kind={kind!r}: known kinds are 'digits' and 'synthetic'")
+
+def pipeline_data(config) -> DataBundle:
+    from aki_jax.data import digits_tokenizer, make_eval_iterator, make_train_iterator
+    from aki_jax.processing import Processor, load_tokenizer
+
+    d = config.data
+    out_dir = Path(config.checkpoint.dir)
+    if config.tokenizer:
+        tokenizer, tokenizer_dir = load_tokenizer(config.tokenizer), config.tokenizer
+    elif all(s.kind == "digits" for s in d.sources + d.eval_sources):
+        tokenizer_dir = str(out_dir / "tokenizer")
+        tokenizer = digits_tokenizer(tokenizer_dir)
+    else:
+        raise ValueError("tokenizer: this data needs a tokenizer folder (tokenizer=/path/to/checkpoint)")
+    model_config = fit_vocabulary(config.model, tokenizer)
+    processor = Processor.from_config(model_config, tokenizer)
+    train = make_train_iterator(d, processor, model_config)
+    eval_batch = config.eval.batch_size or d.batch_size
+
+    def make_eval():
+        iterator = make_eval_iterator(d, processor, model_config, batch_size=eval_batch)
+        if config.eval.max_batches:
+            return (b for b, _ in zip(iterator, range(config.eval.max_batches), strict=False))
+        return iterator
+
+    names = ", ".join(s.name or f"{s.kind}:{s.path or s.split}" for s in d.sources)
+    return DataBundle(train, make_eval, model_config, tokenizer_dir, names)
+
+
+def fit_vocabulary(config: AKIConfig, tokenizer) -> AKIConfig:
+    """`initial_tokenizer_len` and `pad_token_id` from the tokenizer; the embedding must have room for it."""
+    if tokenizer.initial_tokenizer_len > config.decoder.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.initial_tokenizer_len} tokens but model.decoder.vocab_size is "
+            f"{config.decoder.vocab_size}: raise model.decoder.vocab_size"
+        )
+    return config.replace(initial_tokenizer_len=tokenizer.initial_tokenizer_len, pad_token_id=tokenizer.pad_token_id)
 
 
 def synthetic_data(config) -> DataBundle:
     d = config.data
-    common = dict(seq_len=d.seq_len, images_per_row=d.images_per_row)
+    images = max(d.images_per_row, 1)
     train = SyntheticBatches(
-        config.model, d.batch_size, seed=d.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), **common,
+        config.model, d.batch_size, d.seq_len, images, seed=d.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
     )  # fmt: skip
-    held_out = SyntheticBatches(config.model, d.eval_batch_size, seed=d.seed + 10_000, **common)
-    n_batches = max(1, -(-d.eval_examples // d.eval_batch_size)) if d.eval_examples else 1
-    evals = []
-    for _ in range(n_batches):
-        batch = next(held_out)
-        batch["valid"] = np.ones(d.eval_batch_size, bool)
-        evals.append(batch)
-    return DataBundle(train, evals, config.model, None, f"synthetic (seed {d.seed})")
+    eval_batch = config.eval.batch_size or d.batch_size
 
+    def make_eval():
+        held_out = SyntheticBatches(
+            config.model, eval_batch, d.seq_len, images, seed=d.seed + 10_000,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+        )  # fmt: skip
+        return [next(held_out) for _ in range(max(config.eval.max_batches, 1))]
 
-def pad_eval_batches(examples: list[dict], batch_size: int, seq_len: int, collate) -> list[dict]:
-    """Fixed-size eval batches from processed examples; the last is filled with invisible rows (valid=False)."""
-    batches = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        n_real = len(chunk)
-        chunk = chunk + [chunk[0]] * (batch_size - n_real)
-        batch = collate(chunk, seq_len)
-        batch["valid"] = np.arange(batch_size) < n_real
-        batches.append(batch)
-    return batches
+    return DataBundle(train, make_eval, config.model, None, f"synthetic (seed {d.seed})")

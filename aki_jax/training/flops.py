@@ -89,7 +89,6 @@ def measure_matmul_peak(size: int = 2048, dtype: str = "float32", repeats: int =
     import time
 
     import jax
-    import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (size, size), dtype)
     b = jax.random.normal(jax.random.key(1), (size, size), dtype)

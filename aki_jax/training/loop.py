@@ -8,6 +8,7 @@ is created directly in its sharded layout.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -121,7 +122,9 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
                 timer.update(compile_s=time.perf_counter() - t0, start=time.perf_counter(), steps=0)
             else:
                 timer["steps"] += 1
-            if ids_file is not None and example_ids is not None:
+            if ids_file is not None:
+                if example_ids is None:
+                    example_ids = row_fingerprints(batch)
                 ids_file.write(json.dumps({"step": step, "ids": example_ids.tolist()}) + "\n")
                 ids_file.flush()
             if step % config.logging.every_steps == 0 or step == total:
@@ -145,6 +148,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
     checkpointer.wait()
     checkpointer.close()
+    data.close()
     reporter.close()
     if ids_file is not None:
         ids_file.close()
@@ -202,23 +206,23 @@ def param_shardings_shapes(model_config):
 
 
 def evaluate(params, data: DataBundle, model_config, mesh, rules) -> dict:
-    """Held-out answer exact-match accuracy (teacher-forced argmax == greedy decoding) and loss."""
-    if not data.eval_batches:
-        return {}
+    """Held-out answer exact-match accuracy (teacher-forced argmax == greedy decoding) and token loss.
+
+    Rows without supervised tokens (the padding rows of the last eval batch) are not counted.
+    """
     fn = _eval_fn(model_config)
     correct = loss_sum = count = n = 0
-    p, n_proc = jax.process_index(), jax.process_count()
-    for batch in data.eval_batches:
-        valid = batch["valid"]
-        inputs = {k: v for k, v in batch.items() if k not in ("valid", "example_ids")}
-        rows = valid.shape[0] // n_proc
-        local = {k: v[p * rows : (p + 1) * rows] for k, v in inputs.items()}
-        ok, ls, c = jax.device_get(fn(params, sharding.make_global_batch(local, mesh, rules)))
-        correct += int((ok & valid).sum())
-        loss_sum += float((ls * valid).sum())
-        count += float((c * valid).sum())
-        n += int(valid.sum())
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(count, 1.0), "examples": n}
+    for batch in data.make_eval():
+        inputs = {k: v for k, v in batch.items() if k != "example_ids"}
+        ok, ls, c = jax.device_get(fn(params, sharding.make_global_batch(inputs, mesh, rules)))
+        real = c > 0
+        correct += int((ok & real).sum())
+        loss_sum += float(ls.sum())
+        count += float(c.sum())
+        n += int(real.sum())
+    if n == 0:
+        return {}
+    return {"accuracy": correct / n, "loss": loss_sum / max(count, 1.0), "examples": n}
 
 
 _EVAL_FNS = {}
@@ -228,6 +232,17 @@ def _eval_fn(model_config):
     if model_config not in _EVAL_FNS:
         _EVAL_FNS[model_config] = jax.jit(lambda p, b: eval_step(p, b, config=model_config))
     return _EVAL_FNS[model_config]
+
+
+def row_fingerprints(batch: dict) -> np.ndarray:
+    """A short hash per row of a batch without example ids (identifies examples in resume checks)."""
+    out = []
+    for i in range(batch["input_ids"].shape[0]):
+        digest = hashlib.sha1(np.ascontiguousarray(batch["input_ids"][i]).tobytes())
+        if "pixel_values" in batch:
+            digest.update(np.ascontiguousarray(batch["pixel_values"][i]).tobytes())
+        out.append(digest.hexdigest()[:16])
+    return np.asarray(out)
 
 
 def _metrics_record(metrics, timer, step_flops, tokens_per_step, peak) -> dict:
