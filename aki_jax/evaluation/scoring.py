@@ -20,6 +20,7 @@ number of compiled shapes stays small.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -43,6 +44,23 @@ def row_log_likelihoods(logits, targets, weights):
         return -mean * count
 
     return jax.vmap(one)(logits, targets, weights)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _batch_log_likelihoods(params, batch, *, model):
+    """The model on a padded batch -> per-row log-likelihood of its weighted targets f32[B].
+
+    A module-level jit keyed on the (hashable) model, so every runner of one model shares compilations.
+    """
+    logits = model.apply(
+        {"params": params},
+        batch["pixel_values"],
+        batch["input_ids"],
+        batch["modality_ids"],
+        batch["segment_ids"],
+        batch["positions"],
+    )
+    return row_log_likelihoods(logits, batch["targets"], batch["weights"])
 
 
 def local_rows(array) -> np.ndarray:
@@ -88,22 +106,10 @@ class ModelRunner:
                     f"batch size {global_rows} is not divisible by the {divisor} devices the batch is split over "
                     f"(mesh {dict(self.mesh.shape)}); pick a multiple of {divisor}"
                 )
-        self._likelihood = jax.jit(self._likelihood_fn)
 
     @property
     def config(self):
         return self.model.config
-
-    def _likelihood_fn(self, params, batch):
-        logits = self.model.apply(
-            {"params": params},
-            batch["pixel_values"],
-            batch["input_ids"],
-            batch["modality_ids"],
-            batch["segment_ids"],
-            batch["positions"],
-        )
-        return row_log_likelihoods(logits, batch["targets"], batch["weights"])
 
     def _context(self):
         import contextlib
@@ -146,7 +152,7 @@ class ModelRunner:
         batch = self._pad(examples, "right")
         self.calls += 1
         with self._context():
-            scores = self._likelihood(self.params, self._place(batch))
+            scores = _batch_log_likelihoods(self.params, self._place(batch), model=self.model)
         return local_rows(scores)[: len(examples)]
 
     def generate(self, examples: list[dict]) -> list[list[int]]:
@@ -155,6 +161,8 @@ class ModelRunner:
 
         batch = self._pad(examples, "left")
         placed = self._place({k: batch[k] for k in ("pixel_values", "input_ids", "modality_ids")})
+        tokenizer = self.processor.tokenizer
+        stops = tuple(tokenizer.stop_token_ids)
         self.calls += 1
         with self._context():
             new_ids = generate(
@@ -164,9 +172,10 @@ class ModelRunner:
                 placed["input_ids"],
                 placed["modality_ids"],
                 max_new_tokens=self.max_new_tokens,
+                eos_ids=stops,
+                pad_id=tokenizer.pad_token_id,
             )
         new_ids = local_rows(new_ids)[: len(examples)]
-        stops = set(self.processor.tokenizer.stop_token_ids)
         out = []
         for row in new_ids.tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
