@@ -16,8 +16,9 @@ An `aki_config.json` inside the folder (written by aki-jax) wins over all of thi
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from aki_jax.config import AKIConfig, DecoderConfig, RopeScaling, VisionConfig, aki_4b
@@ -98,6 +99,13 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path}: cannot read config ({e})") from e
 
 
+def read_original_args(folder: str | Path | None) -> dict:
+    """The original constructor arguments from `folder/config.json`, or {} when there is none."""
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return {}
+    return _read_json(Path(folder) / "config.json")
+
+
 def _find_sub_config(explicit, folder: Path | None, hub_or_path, default_sub: str) -> Path | None:
     if explicit is not None:
         path = Path(explicit)
@@ -119,19 +127,19 @@ def translate_config(
     lm_config: str | Path | None = None,
     vision_config: str | Path | None = None,
     log: Callable[[str], None] = print,
+    keys: Iterable[str] | None = None,
 ) -> tuple[AKIConfig, dict]:
     """(AKIConfig, the original constructor arguments from config.json or {}) for a checkpoint folder.
 
     `folder` may be None (a bare .pt file): then only explicit sub-config files and the preset are used.
+    `keys`: the checkpoint's state-dict keys (prefixes stripped). No config file records the resampler's
+    depth, so it is counted from them; the towers' layer counts are checked against them.
     """
     folder = Path(folder) if folder is not None else None
     if folder is not None and (folder / "aki_config.json").is_file():
         log(f"using {folder / 'aki_config.json'} (written by aki-jax)")
-        original = _read_json(folder / "config.json") if (folder / "config.json").is_file() else {}
-        return AKIConfig.from_json(folder / "aki_config.json"), original
-    original = {}
-    if folder is not None and (folder / "config.json").is_file():
-        original = _read_json(folder / "config.json")
+        return AKIConfig.from_json(folder / "aki_config.json"), read_original_args(folder)
+    original = read_original_args(folder)
     preset = aki_4b()
 
     path = _find_sub_config(vision_config, folder, original.get("vision_encoder_path"), "vision_encoder")
@@ -156,7 +164,7 @@ def translate_config(
         )
     resampler = preset.resampler
     if original.get("num_vision_tokens"):
-        resampler = type(resampler)(**{**resampler.__dict__, "num_latents": int(original["num_vision_tokens"])})
+        resampler = dataclasses.replace(resampler, num_latents=int(original["num_vision_tokens"]))
     config = AKIConfig(
         vision=vision,
         resampler=resampler,
@@ -166,7 +174,34 @@ def translate_config(
     )
     if not original:
         log("no config.json with the original constructor arguments: initial_tokenizer_len/pad_token_id from aki-4b")
+    if keys is not None:
+        config = reconcile_layer_counts(config, keys, log)
     return config, original
+
+
+def _count_layers(keys, prefix: str) -> int | None:
+    found = {int(k[len(prefix) :].split(".")[0]) for k in keys if k.startswith(prefix)}
+    return max(found) + 1 if found else None
+
+
+def reconcile_layer_counts(config: AKIConfig, keys: Iterable[str], log: Callable[[str], None] = print) -> AKIConfig:
+    """Take the resampler depth from the keys; refuse tower configs whose layer count the keys contradict."""
+    keys = list(keys)
+    depth = _count_layers(keys, "vision_tokenizer.layers.")
+    if depth is not None and depth != config.resampler.depth:
+        log(f"resampler depth {depth} (counted from the checkpoint's keys)")
+        config = config.replace(resampler=dataclasses.replace(config.resampler, depth=depth))
+    for name, prefix, configured in (
+        ("vision tower", "vision_encoder.encoder.layers.", config.vision.num_layers),
+        ("language model", "lang_model.model.layers.", config.decoder.num_layers),
+    ):
+        found = _count_layers(keys, prefix)
+        if found is not None and found != configured:
+            raise ValueError(
+                f"the {name} config says {configured} layers but the checkpoint has {found} ({prefix}0..{found - 1}); "
+                "pass the matching config file"
+            )
+    return config
 
 
 def siglip_config_dict(config: AKIConfig) -> dict:

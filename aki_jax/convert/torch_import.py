@@ -22,7 +22,7 @@ from pathlib import Path
 
 from aki_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, copy_tokenizer_files, write_params_streaming
 from aki_jax.config import AKIConfig
-from aki_jax.convert.hf_config import translate_config
+from aki_jax.convert.hf_config import read_original_args, translate_config
 from aki_jax.convert.mapping import (
     TABLE,
     as_dtype,
@@ -72,13 +72,13 @@ def convert_pytorch_to_orbax(
     state_dict, description = open_checkpoint(src)
     log(f"source: {description}, {len(state_dict)} tensors")
     folder = src if src.is_dir() else None
+    state_dict = strip_prefixes(state_dict)
     if config is None:
-        config, original_args = translate_config(folder, lm_config, vision_config, log=log)
+        config, original_args = translate_config(folder, lm_config, vision_config, log=log, keys=state_dict.keys())
     else:
-        original_args = {}
+        original_args = read_original_args(folder)
     if dtype is not None:
         config = config.replace(param_dtype=as_dtype(dtype).name)
-    state_dict = strip_prefixes(state_dict)
     keys = check_keys(state_dict.keys(), config)
     raise_for_keys(keys, str(src))
     validate_shapes(state_dict, config)
