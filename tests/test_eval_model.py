@@ -263,7 +263,7 @@ def test_eight_devices_give_the_same_predictions_as_one(
 ):
     assert len(jax.devices()) == 8
     meshes = {
-        "data8": (make_mesh(MeshConfig(data=-1)), False),
+        "data8": (make_mesh(MeshConfig(data=-1)), True),  # params placed as tools/evaluate.py does
         "data2_fsdp2_tensor2": (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), True),
     }
     for mode, mesh_name in (("likelihood", "data8"), ("likelihood", "data2_fsdp2_tensor2"), ("generate", "data8")):
@@ -308,3 +308,50 @@ def test_killed_model_run_resumes_without_recomputing(
     assert resumed.runner.calls == -(-rows_left // 3)
     got, want = _records(tmp_path, bench), _records(single_device_runs["likelihood"][0], bench)
     assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+
+
+def _load_tool():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_tool", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
+    model_and_params, tokenizer, benchmarks, tmp_path, single_device_runs, monkeypatch, capsys
+):
+    from aki_jax.checkpoint import save_pretrained
+
+    model, params = model_and_params
+    tokenizer.save(tmp_path / "tok")
+    save_pretrained(tmp_path / "ckpt", model.config, params, tokenizer_dir=tmp_path / "tok")
+    files = [b.path for b in benchmarks[:3]]
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out"), "--batch-size", "8"]
+    argv += ["--length-multiple", str(DIRECT_LENGTH), "--no-progress"]
+    for f in files:
+        argv += ["--benchmark", f]
+    tool = _load_tool()
+    assert tool.main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| mmbench | likelihood |" in table and "MME perception" in table and "POPE F1" in table
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results) == ["mmbench", "pope", "MME"]
+    reference = single_device_runs["likelihood"][0]
+    for bench in benchmarks[:3]:
+        got, want = _records(tmp_path / "out", bench), _records(reference, bench)
+        assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+        assert results[bench.name]["scores"] == json.loads(
+            json.dumps(single_device_runs["likelihood"][1][bench.name]["scores"])
+        )
+
+    def no_model_calls(self, examples):
+        raise AssertionError("a finished item was recomputed")
+
+    monkeypatch.setattr(ModelRunner, "log_likelihoods", no_model_calls)
+    assert tool.main(argv) == 0
+    assert tool.main(argv[:-6] + ["--mode", "generate", "--benchmark", files[0]]) == 1  # other settings refused
+    assert "other settings (" in capsys.readouterr().err
