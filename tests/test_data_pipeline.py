@@ -136,7 +136,7 @@ def _random_examples(rng, count, image_tokens=3, size=4):
         modality += [TEXT] * int(rng.integers(1, 5))
         n = len(modality)
         examples.append({
-            "input_ids": rng.integers(3, 100, n).astype(np.int32),
+            "input_ids": np.concatenate([[1000 + i], rng.integers(3, 100, n - 1)]).astype(np.int32),  # [0]: its id
             "modality_ids": np.asarray(modality, np.int32),
             "targets": rng.integers(3, 100, n).astype(np.int32),
             "weights": (rng.random(n) < 0.5).astype(np.float32),
@@ -150,8 +150,9 @@ def test_packing_keeps_examples_apart_and_loses_no_token():
     examples = _random_examples(rng, 60)
     length, slots = 32, 4
     stream = grain.MapDataset.source(examples).to_iter_dataset()
-    rows = list(PackIterDataset(stream, length, slots, (4, 4, 3), pad_id=0))
-    assert len(rows) < len(examples)  # several examples share rows
+    rows = list(PackIterDataset(stream, length, slots, (4, 4, 3), pad_id=0, window=16))
+    tokens = sum(len(e["input_ids"]) for e in examples)
+    assert len(rows) == -(-tokens // length)  # first-fit decreasing reaches the fewest possible rows here
     # every example alone, in a row of its own (one call, one shape): its reference mask
     alone_ids = np.zeros((len(examples), length), np.int32)
     for i, example in enumerate(examples):
@@ -172,14 +173,32 @@ def test_packing_keeps_examples_apart_and_loses_no_token():
             image_slot += n_images
             n = where.stop - where.start
             np.testing.assert_array_equal(row["positions"][where], np.arange(n))
-            expected[where, where] = alone[len(unpacked), :n, :n]
+            expected[where, where] = alone[piece["input_ids"][0] - 1000, :n, :n]
             unpacked.append({**piece, "row": r})
         np.testing.assert_array_equal(masks[r], expected)  # block diagonal: no attention across examples
         assert not row["pixel_values"][image_slot:].any()
-    assert len(unpacked) == len(examples)
-    for got, want in zip(unpacked, examples, strict=True):
+    assert sorted(u["input_ids"][0] for u in unpacked) == [1000 + i for i in range(len(examples))]
+    for got in unpacked:
+        want = examples[got["input_ids"][0] - 1000]
         for key in ("input_ids", "modality_ids", "targets", "weights", "pixel_values"):
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_packer_state_restores_mid_window():
+    examples = _random_examples(np.random.default_rng(1), 50)
+    stream = grain.MapDataset.source(examples).to_iter_dataset()
+    packer = PackIterDataset(stream, 32, 4, (4, 4, 3), pad_id=0, window=16)
+    rows = list(packer)
+    for k in (0, 1, 3, 7):  # inside the first window, at and past its end
+        it = iter(packer)
+        take(it, k)
+        state = it.get_state()
+        again = iter(packer)
+        again.set_state(state)
+        rest = list(again)
+        assert len(rest) == len(rows) - k
+        for want, got in zip(rows[k:], rest, strict=True):
+            np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -20,6 +20,16 @@ from aki_jax.data.records import Bad
 from aki_jax.data.sources import LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
 from aki_jax.data.templates import MULTIPLE_CHOICE, SHORT_ANSWER, format_question
 
+
+def read(source, index):
+    """source[index] with its images decoded to uint8[H, W, 3] RGB arrays (or Bad)."""
+    example = records.decode_images(source[index])
+    if isinstance(example, Bad):
+        return example
+    rgb = [im if isinstance(im, np.ndarray) else np.asarray(im.convert("RGB")) for im in example["images"]]
+    return {**example, "images": rgb}
+
+
 # --- small real files ------------------------------------------------------------------------------
 
 
@@ -201,7 +211,7 @@ def test_webdataset_reads_images_and_captions_and_skips_unsafe_members(tmp_path)
     seen = {}
     bad = []
     for i in range(len(source)):
-        example = records.decode_images(source[i])
+        example = read(source, i)
         if isinstance(example, Bad):
             bad.append(example.reason)
             continue
@@ -220,7 +230,7 @@ def test_webdataset_reads_images_and_captions_and_skips_unsafe_members(tmp_path)
 def test_llava_records_become_chats_and_bad_records_are_marked(tmp_path, jsonl):
     path = write_llava(tmp_path, jsonl)
     source = LlavaSource(str(path), str(tmp_path / "images"))
-    items = [records.decode_images(source[i]) for i in range(len(source))]
+    items = [read(source, i) for i in range(len(source))]
     a, b, c, d = items[:4]
     assert a["conversation"] == [
         {"role": "user", "content": "<image>\nWhat is shown?"},
@@ -242,7 +252,7 @@ def test_llava_records_become_chats_and_bad_records_are_marked(tmp_path, jsonl):
 def test_vqa_jsonl_with_templates(tmp_path):
     write_vqa(tmp_path, n=3)
     source = VqaJsonlSource(str(tmp_path / "vqa.jsonl"), str(tmp_path / "images"), template="short_answer")
-    example = records.decode_images(source[2])
+    example = read(source, 2)
     assert example["conversation"] == [
         {"role": "user", "content": f"<image>\nquestion 2\n{SHORT_ANSWER}"},
         {"role": "assistant", "content": "answer 2"},
@@ -267,7 +277,7 @@ def test_tfds_array_record_dataset_is_read_with_mapped_features(tmp_path):
     )
     assert len(source) == len(expected)
     for i in range(len(source)):
-        example = records.decode_images(source[i])
+        example = read(source, i)
         question = example["conversation"][0]["content"].removeprefix("<image>\n")
         image, answer = expected[question]
         assert example["conversation"][1]["content"] == answer  # first of several reference answers

@@ -77,6 +77,7 @@ class DataConfig:
     batch_size: global rows per step; each of P processes yields batch_size // P rows.
     seq_len: row length L; an example longer than L is skipped and counted ("too_long").
     packing: several examples per row (segment ids 1, 2, ...) instead of one padded example per row.
+    packing_window: examples packed together (first-fit decreasing); larger fills rows better.
     images_per_row: image slots I per row (pixel_values f32[B, I, S, S, 3]); 0 picks 1 without packing and
       seq_len // image_token_count with packing. An example with more images than I is skipped.
     seed: shuffling seed (each source shuffles with its own seed derived from it, reshuffled each epoch).
@@ -95,6 +96,7 @@ class DataConfig:
     batch_size: int = 32
     seq_len: int = 64
     packing: bool = False
+    packing_window: int = 32
     images_per_row: int = 0
     seed: int = 0
     epochs: int | None = None

@@ -6,9 +6,9 @@ pixel_values f32[I, S, S, 3]. Example k of a row holds segment id k + 1 and posi
 example; its images fill the row's image slots in order, as the model fuses IMAGE positions in order.
 Unused positions are PAD with segment id 0, weight 0; unused image slots are zeros.
 
-Packing is next-fit: examples are appended in arrival order while the row has room for their tokens
-and images; the first that does not fit starts the next row. No token is dropped or truncated (the
-pipeline skips examples that could never fit before they get here).
+Packing is first-fit decreasing over windows of examples (`PackIterDataset`): within a window the
+longest example goes first into the first row with room for its tokens and images. No token is dropped
+or truncated (the pipeline skips examples that could never fit before they get here).
 """
 
 from __future__ import annotations
@@ -58,21 +58,50 @@ def empty_row(length: int, images: int, image_shape: tuple, pad_id: int) -> dict
     return make_row([], length, images, image_shape, pad_id)
 
 
+def first_fit_decreasing(sizes: list[tuple[int, int]], length: int, images: int, max_segments: int) -> list[list[int]]:
+    """Group items of (tokens, images) into as few rows of (length, images, max_segments) as first-fit
+    decreasing finds: longest first, each into the first row with room. Returns item indices per row, each
+    row in arrival order; rows ordered by their first item's arrival.
+    """
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][0])  # stable: ties keep arrival order
+    rows: list[list[int]] = []
+    room: list[list[int]] = []  # tokens, images, segments left per row
+    for i in order:
+        n, k = sizes[i]
+        for row, left in zip(rows, room, strict=True):
+            if n <= left[0] and k <= left[1] and left[2] > 0:
+                row.append(i)
+                left[0], left[1], left[2] = left[0] - n, left[1] - k, left[2] - 1
+                break
+        else:
+            if n > length or k > images:
+                raise ValueError(f"example of {n} tokens / {k} images can never fit a row of {length} / {images}")
+            rows.append([i])
+            room.append([length - n, images - k, max_segments - 1])
+    rows = [sorted(row) for row in rows]
+    return sorted(rows, key=lambda row: row[0])
+
+
 class PackIterDataset(grain.IterDataset):
     """Packs (or, with `max_segments=1`, pads) a stream of processed examples into rows.
 
-    Checkpointing: a row in progress holds one example fetched too early (the first that did not fit
-    the previous row). The state therefore stores the parent's state from *before* that example was
-    fetched; restoring re-reads it, and packing, being deterministic, continues with the same rows.
+    Examples are taken in windows of `window`; each window is packed first-fit decreasing and its rows
+    emitted before the next window is read (a window's last rows may be less full).
+
+    Checkpointing: the state is the parent's state at the start of the current window plus how many of
+    its rows were emitted; restoring re-reads the window, packs it again (deterministically) and skips
+    the rows already emitted.
     """
 
-    def __init__(self, parent, length: int, images: int, image_shape: tuple, pad_id: int, max_segments: int = 0):
+    def __init__(self, parent, length: int, images: int, image_shape: tuple, pad_id: int, max_segments: int = 0,
+                 window: int = 32):  # fmt: skip
         super().__init__(parent)
         self.length = length
         self.images = images
         self.image_shape = tuple(image_shape)
         self.pad_id = pad_id
         self.max_segments = max_segments or length
+        self.window = 1 if self.max_segments == 1 else max(1, window)
 
     def __iter__(self):
         return _PackIterator(self._parent.__iter__(), self)
@@ -85,42 +114,42 @@ class _PackIterator(grain.DatasetIterator):
     def __init__(self, parent, spec: PackIterDataset):
         super().__init__(parent)
         self._spec = spec
-        self._pending = None  # fetched, not yet placed
-        self._pending_state = None  # parent state before fetching it
+        self._rows: list[list[dict]] = []  # packed rows of the current window not yet emitted
+        self._window_state = None  # parent state before the current window
+        self._emitted = 0  # rows of the current window already emitted
 
-    def _fetch(self):
-        if self._pending is None:
-            state = self._parent.get_state()
-            self._pending = next(self._parent)
-            self._pending_state = state
-        return self._pending
+    def _read_window(self) -> None:
+        spec = self._spec
+        self._window_state = self._parent.get_state()
+        self._emitted = 0
+        examples = []
+        for _ in range(spec.window):
+            try:
+                examples.append(next(self._parent))
+            except StopIteration:
+                break
+        sizes = [(len(e["input_ids"]), len(e["pixel_values"])) for e in examples]
+        groups = first_fit_decreasing(sizes, spec.length, spec.images, spec.max_segments)
+        self._rows = [[examples[i] for i in group] for group in groups]
 
     def __next__(self):
+        if not self._rows:
+            self._read_window()
+            if not self._rows:
+                raise StopIteration
         spec = self._spec
-        row, tokens, images = [], 0, 0
-        while len(row) < spec.max_segments:
-            try:
-                example = self._fetch()
-            except StopIteration:
-                if row:
-                    break
-                raise
-            n, k = len(example["input_ids"]), len(example["pixel_values"])
-            if tokens + n > spec.length or images + k > spec.images:
-                if not row:
-                    raise ValueError(
-                        f"example of {n} tokens / {k} images can never fit a row of {spec.length} / {spec.images}"
-                    )
-                break
-            row.append(example)
-            tokens, images = tokens + n, images + k
-            self._pending = None
-        return make_row(row, spec.length, spec.images, spec.image_shape, spec.pad_id)
+        self._emitted += 1
+        return make_row(self._rows.pop(0), spec.length, spec.images, spec.image_shape, spec.pad_id)
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._pending_state if self._pending is not None else self._parent.get_state()}
+        if self._rows:
+            return {"parent": self._window_state, "emitted": self._emitted}
+        return {"parent": self._parent.get_state(), "emitted": 0}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._pending = None
-        self._pending_state = None
+        self._rows = []
+        if state["emitted"]:
+            self._read_window()
+            del self._rows[: state["emitted"]]
+            self._emitted = state["emitted"]

@@ -288,7 +288,7 @@ def _finish(ds, config, sources, batch, images, image_size, model_config, drop_r
     packing = config.packing if packing is None else packing
     ds = PackIterDataset(
         counter, config.seq_len, images, (image_size, image_size, 3), model_config.pad_token_id,
-        max_segments=0 if packing else 1,
+        max_segments=0 if packing else 1, window=config.packing_window,
     )  # fmt: skip
     ds = ds.batch(batch, drop_remainder=drop_remainder)
     if config.prefetch > 0:

@@ -14,8 +14,8 @@ A raw example is a plain dict (picklable, so it can cross into worker processes)
 In a chat, each image appears as one literal `<image>` in the text where it belongs (the LLaVA
 convention); sources that only have a question put `<image>\\n` in front of it.
 
-`decode_images` turns ImageRefs into uint8[H, W, 3] arrays; a missing or corrupt image makes the
-example a `Bad` record, which the pipeline counts and drops.
+`decode_images` opens and decodes the ImageRefs (PIL images, or the arrays as given); a missing or
+corrupt image makes the example a `Bad` record, which the pipeline counts and drops.
 """
 
 from __future__ import annotations
@@ -58,33 +58,43 @@ def question_answer(question: str, answer: str, n_images: int = 1) -> list[dict]
     return [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
 
 
-def decode_image(ref) -> np.ndarray:
-    """ImageRef -> uint8[H, W, 3]. Raises OSError/ValueError for missing or undecodable images."""
+def open_image(ref):
+    """ImageRef -> a fully decoded PIL image in its own mode (or the uint8 array itself).
+
+    Mode conversion, EXIF orientation and resizing are left to `aki_jax.processing.preprocess_image`,
+    which handles palette, alpha and 16-bit images faithfully. Raises OSError/ValueError for missing
+    or undecodable images.
+    """
     if isinstance(ref, np.ndarray):
-        array = ref
-        if array.ndim == 2:
-            array = np.repeat(array[..., None], 3, axis=-1)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(f"image array must be [H, W, 3], got shape {array.shape}")
-        return array.astype(np.uint8, copy=False)
+        if ref.ndim not in (2, 3) or (ref.ndim == 3 and ref.shape[-1] not in (1, 3, 4)):
+            raise ValueError(f"image array must be [H, W] or [H, W, 1|3|4], got shape {ref.shape}")
+        return ref
     if isinstance(ref, (str, os.PathLike)):
         with open(ref, "rb") as f:
             ref = f.read()
     if not isinstance(ref, (bytes, bytearray, memoryview)):
         raise ValueError(f"unsupported image reference of type {type(ref).__name__}")
-    with Image.open(io.BytesIO(ref)) as image:
-        image.load()  # Image.open is lazy: a truncated file only fails here
-        return np.asarray(image.convert("RGB"))
+    image = Image.open(io.BytesIO(ref))
+    image.load()  # Image.open is lazy: a truncated file only fails here
+    return image
+
+
+def decode_image(ref) -> np.ndarray:
+    """ImageRef -> uint8[H, W, 3] (RGB conversion by PIL; for inspection and tests)."""
+    image = open_image(ref)
+    if isinstance(image, np.ndarray):
+        return np.asarray(Image.fromarray(image.squeeze()).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
 
 
 def decode_images(example: dict) -> dict | Bad:
-    """Replace the example's ImageRefs by uint8[H, W, 3] arrays, or return Bad naming the image."""
+    """Replace the example's ImageRefs by decoded images (`open_image`), or return Bad naming the image."""
     if isinstance(example, Bad):
         return example
     decoded = []
     for ref in example["images"]:
         try:
-            decoded.append(decode_image(ref))
+            decoded.append(open_image(ref))
         except FileNotFoundError:
             return Bad("missing_image", example["source"], example["id"], str(ref))
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
