@@ -1,0 +1,365 @@
+"""Generation: MMA prefill into a preallocated KV cache, then a jit-compiled causal decode loop.
+
+Array level (no tokenizer needed):
+
+    new_ids = generate(model, params, pixel_values, input_ids, modality_ids, max_new_tokens=32,
+                       eos_ids=(eos,), temperature=0.0)            # int32[B, 32]
+
+Text level:
+
+    answers = generate_text(model, params, tokenizer, "What is in the picture?", [image])
+
+How it works (B rows, prompt length P, N new tokens, cache length P + N):
+  1. Prefill: one forward over the prompt with the modality (MMA) mask, writing keys/values into
+     cache slots [0, P). The first new token comes from the logits at each row's last real token.
+  2. Decode: token t is written at slot P + t of every row and attends to that row's real prompt
+     slots and to the generated slots up to itself (causal), exactly as the original continues
+     after its prefill. Rows stop independently at any of `eos_ids` (the end token is kept, then
+     `pad_id` follows); the loop ends when every row has stopped or N tokens exist.
+
+Padding: prompts may be padded on either side (PAD modality); left padding (what `generate_text`
+uses) keeps the arrays simple. Positions count from each row's first real token, so a padded
+row gets exactly the positions, logits and greedy tokens of the same prompt alone.
+
+LongRoPE: the model picks short or long rotary factors from the highest position of each call.
+Here, as in the original's cached `generate`, the prefill picks them from the longest prompt of the
+batch and every decode step from the highest position of that step. Past
+`original_max_position_embeddings` (4096 for Phi-3.5) new tokens use the long factors while the
+cached prompt keys keep the short ones, so a cached continuation differs from a full forward over
+the whole text there (the original behaves the same way); below that length both agree exactly.
+
+Sharding: the cache is constrained with `aki_jax.decoder.CACHE_AXES` (layers, batch, length, heads,
+head_dim); under `aki_jax.sharding.activation_context(mesh, rules)` it is split like the model's
+activations (batch over data/fsdp, heads over tensor). Without a mesh the constraint is a no-op.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aki_jax.decoder import CACHE_AXES, init_cache
+from aki_jax.layers import constrain
+from aki_jax.mask import PAD, TEXT
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+def sample_logits(logits, key, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+    """Next token ids int32[B] from logits f32[B, V]: argmax when temperature is 0, else sampled.
+
+    top_k keeps the k highest logits; top_p keeps the smallest set of highest-probability tokens
+    whose mass reaches p (always at least the top token). Both apply after the temperature.
+    """
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        kept = jnp.where(mass_before < top_p, ordered, jnp.inf)  # the top token always has mass_before 0
+        threshold = jnp.min(kept, axis=-1, keepdims=True)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+# --- the two model calls --------------------------------------------------------------------------------------
+def _constrain_cache(cache):
+    return {name: constrain(value, CACHE_AXES) for name, value in cache.items()}
+
+
+def _prefill(model, params, pixel_values, input_ids, modality_ids, cache_length: int, cache_dtype):
+    """-> (cache, logits at each row's last real token f32[B, V], real int32[B, P] mask, lengths int32[B])."""
+    batch, prompt = input_ids.shape
+    real = modality_ids != PAD
+    positions = jnp.maximum(jnp.cumsum(real, axis=1) - 1, 0).astype(jnp.int32)
+    cache = _constrain_cache(init_cache(model.config, batch, cache_length, cache_dtype))
+    logits, cache = model.apply(
+        {"params": params}, pixel_values, input_ids, modality_ids, positions=positions, cache=cache, cache_index=0
+    )
+    last = prompt - 1 - jnp.argmax(real[:, ::-1], axis=1)  # index of each row's last real token
+    last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    return _constrain_cache(cache), last_logits, real, real.sum(axis=1).astype(jnp.int32)
+
+
+def _decode_step(model, params, cache, token, step, real, lengths):
+    """Feed token int32[B] as new token `step` (slot P + step) -> (logits f32[B, V], cache)."""
+    batch, prompt = real.shape
+    slots = jnp.arange(cache["key"].shape[2])
+    visible = jnp.where(slots < prompt, jnp.pad(real, ((0, 0), (0, slots.shape[0] - prompt))), slots <= prompt + step)
+    logits, cache = model.apply(
+        {"params": params},
+        None,
+        token[:, None],
+        jnp.full((batch, 1), TEXT, jnp.int32),
+        positions=(lengths + step)[:, None],
+        cache=cache,
+        cache_index=prompt + step,
+        attention_mask=visible[:, None, :],
+    )
+    return logits[:, 0], _constrain_cache(cache)
+
+
+# --- array-level generation -------------------------------------------------------------------------------------
+@functools.partial(
+    jax.jit,
+    static_argnames=("model", "max_new_tokens", "eos_ids", "temperature", "top_k", "top_p", "pad_id", "cache_dtype"),
+)
+def _generate(
+    params,
+    pixel_values,
+    input_ids,
+    modality_ids,
+    key,
+    *,
+    model,
+    max_new_tokens,
+    eos_ids,
+    temperature,
+    top_k,
+    top_p,
+    pad_id,
+    cache_dtype,
+):
+    batch, prompt = input_ids.shape
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    stops = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    cache, logits, real, lengths = _prefill(
+        model, params, pixel_values, input_ids, modality_ids, prompt + max_new_tokens, cache_dtype
+    )
+    token = sample(logits, jax.random.fold_in(key, 0))
+    done = jnp.isin(token, stops)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+
+    def cond(carry):
+        step, _, _, done, _ = carry
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, cache, token, done, out = carry
+        logits, cache = _decode_step(model, params, cache, token, step - 1, real, lengths)
+        new = sample(logits, jax.random.fold_in(key, step))
+        new = jnp.where(done, pad_id, new)
+        out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
+        return step + 1, cache, new, done | jnp.isin(new, stops), out
+
+    carry = (jnp.int32(1), cache, token, done, out)
+    return jax.lax.while_loop(cond, body, carry)[-1]
+
+
+def _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens):
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    modality_ids = jnp.asarray(modality_ids, jnp.int32)
+    if input_ids.ndim != 2 or input_ids.shape != modality_ids.shape:
+        raise ValueError(f"input_ids {input_ids.shape} and modality_ids {modality_ids.shape} must both be int[B, P]")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if not bool(jnp.all(jnp.any(modality_ids != PAD, axis=1))):
+        raise ValueError("every prompt row needs at least one non-PAD token")
+    if pixel_values is not None:
+        pixel_values = jnp.asarray(pixel_values)
+        if pixel_values.shape[1] == 0:
+            pixel_values = None
+    return pixel_values, input_ids, modality_ids
+
+
+def generate(
+    model,
+    params,
+    pixel_values,
+    input_ids,
+    modality_ids,
+    max_new_tokens: int = 256,
+    *,
+    eos_ids: Sequence[int] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
+    cache_dtype=None,
+):
+    """New token ids int32[B, max_new_tokens] after the prompts (greedy unless temperature > 0).
+
+    Args:
+      model: `aki_jax.AKI(config)`; params: its parameters.
+      pixel_values: f32[B, I, S, S, 3] or None; input_ids, modality_ids: int[B, P] (a processed,
+        padded prompt batch, e.g. `Processor.collate(..., padding_side="left")`).
+      eos_ids: ids that end a row (kept in the output, `pad_id` after); empty: never stop early.
+      temperature, top_k, top_p, seed: sampling (see `sample_logits`); the same seed gives the same
+        tokens for the same inputs.
+      cache_dtype: KV cache dtype (default: the model's compute dtype).
+    """
+    pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
+    return _generate(
+        params,
+        pixel_values,
+        input_ids,
+        modality_ids,
+        jax.random.key(seed),
+        model=model,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=tuple(int(i) for i in eos_ids),
+        temperature=float(temperature),
+        top_k=None if top_k is None else int(top_k),
+        top_p=None if top_p is None else float(top_p),
+        pad_id=int(pad_id),
+        cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+    )
+
+
+# Streaming: the same prefill and step, driven from Python so each token can be shown as it comes.
+@functools.partial(jax.jit, static_argnames=("model", "cache_length", "cache_dtype", "temperature", "top_k", "top_p"))
+def _stream_prefill(
+    params, pixel_values, input_ids, modality_ids, key, *, model, cache_length, cache_dtype, temperature, top_k, top_p
+):
+    cache, logits, real, lengths = _prefill(
+        model, params, pixel_values, input_ids, modality_ids, cache_length, cache_dtype
+    )
+    token = sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    return cache, token, real, lengths
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"), donate_argnums=(1,))
+def _stream_step(params, cache, token, step, real, lengths, key, *, model, temperature, top_k, top_p):
+    logits, cache = _decode_step(model, params, cache, token, step - 1, real, lengths)
+    return cache, sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+
+
+def stream_generate(
+    model,
+    params,
+    pixel_values,
+    input_ids,
+    modality_ids,
+    max_new_tokens: int = 256,
+    *,
+    eos_ids: Sequence[int] = (),
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    pad_id: int = 0,
+    cache_dtype=None,
+):
+    """Like `generate`, but yields each step's tokens (numpy int32[B]) as they are produced.
+
+    Yields the same tokens as `generate` with the same arguments (finished rows yield `pad_id`).
+    """
+    pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
+    sampling = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p}
+    key = jax.random.key(seed)
+    cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
+    cache, token, real, lengths = _stream_prefill(
+        params,
+        pixel_values,
+        input_ids,
+        modality_ids,
+        key,
+        model=model,
+        cache_length=input_ids.shape[1] + max_new_tokens,
+        cache_dtype=cache_dtype,
+        **sampling,
+    )
+    stops = np.asarray(tuple(eos_ids), np.int32)
+    done = np.zeros(input_ids.shape[0], bool)
+    for step in range(max_new_tokens):
+        if step > 0:
+            cache, token = _stream_step(
+                params, cache, token, jnp.int32(step), real, lengths, key, model=model, **sampling
+            )
+        host = np.where(done, pad_id, np.asarray(token)).astype(np.int32)
+        token = jnp.asarray(host)
+        done |= np.isin(host, stops)
+        yield host
+        if done.all():
+            return
+
+
+# --- text-level generation -------------------------------------------------------------------------------------
+def generate_text(
+    model,
+    params,
+    tokenizer,
+    prompts: str | Sequence,
+    images: Sequence | None = None,
+    *,
+    max_new_tokens: int = 256,
+    on_text: Callable[[str], None] | None = None,
+    pad_to_multiple: int = 16,
+    **sampling,
+) -> str | list[str]:
+    """Answer questions about images with the chat template.
+
+    Args:
+      prompts: one question (str) or a list of questions; a question may also be a list of chat
+        messages ending with a user message. Without `<image>` placeholders, one `<image>\\n` per
+        image is put in front of the question.
+      images: for one question, a list of images (PIL images, paths or arrays); for a list of
+        questions, a list of such lists. None: no images.
+      on_text: called with each new piece of text of the first row as it is generated (streaming).
+      pad_to_multiple: prompts are left-padded to a multiple of this to reuse compiled code.
+      sampling: temperature, top_k, top_p, seed, eos_ids (default `tokenizer.stop_token_ids`).
+
+    Returns the answer text(s), cut at the first stop token.
+    """
+    from aki_jax.processing import Processor  # processing imports PIL/tokenizers; keep generation light
+
+    single = isinstance(prompts, str) or (
+        isinstance(prompts, Sequence) and len(prompts) > 0 and isinstance(prompts[0], dict)
+    )
+    if single:
+        prompts, images = [prompts], [images or []]
+    elif images is None:
+        images = [[] for _ in prompts]
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    config = model.config
+    processor = Processor(tokenizer, config.image_token_count, config.vision.image_size)
+    examples = [processor.prompt_example(p, list(i)) for p, i in zip(prompts, images, strict=True)]
+    longest = max(len(e["input_ids"]) for e in examples)
+    length = -(-longest // pad_to_multiple) * pad_to_multiple
+    batch = processor.collate(examples, length, padding_side="left")
+    eos_ids = tuple(sampling.pop("eos_ids", tokenizer.stop_token_ids))
+    pad_id = tokenizer.pad_token_id
+    args = (model, params, batch["pixel_values"], batch["input_ids"], batch["modality_ids"], max_new_tokens)
+    kwargs = {"eos_ids": eos_ids, "pad_id": pad_id, **sampling}
+    if on_text is None:
+        tokens = np.asarray(generate(*args, **kwargs))
+    else:
+        steps, shown = [], ""
+        for step in stream_generate(*args, **kwargs):
+            steps.append(step)
+            if _is_byte_piece(tokenizer, int(step[0])):
+                continue  # a UTF-8 character may continue in the next byte piece: decode the group whole
+            text = _cut_and_decode(tokenizer, np.stack(steps, axis=1)[0], eos_ids)
+            if len(text) > len(shown) and text.startswith(shown):
+                on_text(text[len(shown) :])
+                shown = text
+        tokens = np.stack(steps, axis=1)
+    answers = [_cut_and_decode(tokenizer, row, eos_ids) for row in tokens]
+    if on_text is not None and len(answers[0]) > len(shown) and answers[0].startswith(shown):
+        on_text(answers[0][len(shown) :])
+    return answers[0] if single else answers
+
+
+def _is_byte_piece(tokenizer, token: int) -> bool:
+    """True for SentencePiece byte-fallback pieces `<0x..>`, which decode together with their neighbours."""
+    piece = tokenizer.backend.id_to_token(token) or ""
+    return len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">")
+
+
+def _cut_and_decode(tokenizer, row, eos_ids) -> str:
+    row = [int(t) for t in row]
+    for i, t in enumerate(row):
+        if t in eos_ids:
+            row = row[:i]
+            break
+    return tokenizer.decode(row, skip_special_tokens=True)
