@@ -344,3 +344,18 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     other.settings = lambda: {"mode": "other"}
     with pytest.raises(ValueError, match="other settings \\(mode"):
         runner.evaluate_benchmark(bench, other, tmp_path, progress=False)
+
+
+def test_mmbench_circular_accuracy_needs_every_rotation_right():
+    def record(index, score):
+        return {"index": index, "task": "multiple_choice", "category": "", "group": "", "answers": ["A"]} | {
+            "prediction": "A" if score else "B",
+            "score": float(score),
+        }
+
+    # question 1: both rotations right; question 2: one of two right; question 3: no rotation.
+    records = [record(1, 1), record(1_000_001, 1), record(2, 1), record(1_000_002, 0), record(3, 1)]
+    scores = metrics.benchmark_scores(records)
+    assert scores["circular_accuracy"] == pytest.approx(2 / 3)
+    assert scores["accuracy"] == pytest.approx(4 / 5)
+    assert "circular_accuracy" not in metrics.benchmark_scores(records[:1] + records[2:3])

@@ -17,7 +17,7 @@ import pytest
 from skimage import data as skdata
 from skimage.transform import resize
 
-from aki_jax import AKI, init_params, tiny
+from aki_jax import AKI, TEXT, init_params, tiny
 from aki_jax.evaluation import job, prompts, runner
 from aki_jax.evaluation.readers import encode_image, read_benchmark, write_benchmark
 from aki_jax.evaluation.scoring import EvaluationScorer, ModelRunner
@@ -181,7 +181,7 @@ def direct_predictions(bench, processor, direct_logits, mode):
             example = {
                 **example,
                 "input_ids": np.append(example["input_ids"], token),
-                "modality_ids": np.append(example["modality_ids"], 1),
+                "modality_ids": np.append(example["modality_ids"], TEXT),
             }
         text = tok.decode(new)
         if item.task == "multiple_choice":

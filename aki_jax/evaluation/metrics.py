@@ -10,6 +10,10 @@ POPE (any yes/no items; "yes" is the positive class): accuracy, precision, recal
 of "yes" answers, overall and per category (POPE's categories are its adversarial/popular/random splits).
 An unparsed answer is neither a true nor a false positive; it counts as wrong in accuracy.
 
+MMBench circular evaluation (VLMEvalKit's TSVs hold each question's option rotations at indices
+i + k * 1,000,000): when multiple-choice items share `index % 1,000,000`, `circular_accuracy` counts a
+question right only if every rotation is right. `accuracy` stays the per-item mean.
+
 MME (when yes/no categories are MME's): per category, acc = correct questions / questions and
 acc+ = images with every question right / images (MME asks two questions per image); the category
 score is 100 * (acc + acc+), at most 200. Perception sums the 10 perception categories (max 2000),
@@ -113,6 +117,20 @@ def mme_scores(records) -> dict:
     }
 
 
+CIRCULAR_STRIDE = 1_000_000
+
+
+def circular_accuracy(records) -> float | None:
+    """MMBench's circular rule (see the module docstring); None when no question has rotations."""
+    groups = defaultdict(list)
+    for r in records:
+        if isinstance(r["index"], int):
+            groups[r["index"] % CIRCULAR_STRIDE].append(r["score"])
+    if not any(len(g) > 1 for g in groups.values()):
+        return None
+    return _mean(float(all(s == 1.0 for s in g)) for g in groups.values())
+
+
 def is_mme(records) -> bool:
     categories = {_mme_key(r["category"]) for r in records if r["task"] == "yes_no"}
     known = set(MME_PERCEPTION) | set(MME_COGNITION)
@@ -143,6 +161,10 @@ def benchmark_scores(records, read_errors: int = 0) -> dict:
         tasks[r["task"]].append(r["score"])
     result["per_task"] = {t: {"accuracy": _mean(s), "count": len(s)} for t, s in sorted(tasks.items())}
 
+    circular = circular_accuracy(r for r in scored if r["task"] == "multiple_choice")
+    if circular is not None:
+        result["circular_accuracy"] = circular
+
     yes_no = [r for r in scored if r["task"] == "yes_no"]
     if yes_no:
         pope = {"overall": pope_scores(yes_no)}
@@ -172,6 +194,8 @@ def markdown_table(results: dict) -> str:
     for name, r in results.items():
         s = r["scores"]
         extra = []
+        if "circular_accuracy" in s:
+            extra.append(f"circular {_fmt(s['circular_accuracy'])}")
         if "mme" in s:
             extra.append(f"MME perception {s['mme']['perception']:.1f}, cognition {s['mme']['cognition']:.1f}")
         elif "pope" in s:

@@ -32,6 +32,7 @@ from aki_jax.evaluation import answers, prompts
 from aki_jax.evaluation.items import Item
 from aki_jax.evaluation.runner import Distribution, ItemFailed
 from aki_jax.losses import next_token_loss
+from aki_jax.mask import TEXT
 
 MODES = ("likelihood", "generate")
 
@@ -141,7 +142,7 @@ class ModelRunner:
         s = self.config.vision.image_size
         return {
             "input_ids": np.asarray([pad], np.int32),
-            "modality_ids": np.asarray([1], np.int32),
+            "modality_ids": np.asarray([TEXT], np.int32),
             "targets": np.asarray([pad], np.int32),
             "weights": np.zeros(1, np.float32),
             "pixel_values": np.zeros((0, s, s, 3), np.float32),
