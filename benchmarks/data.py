@@ -13,7 +13,9 @@ with model FLOPs per row from `aki_jax.training.flops.train_step_flops(aki_4b(),
 frozen vision tower forward only, resampler and decoder forward + backward; padding and empty image
 slots count since their FLOPs are spent) and examples per row as measured. Assumed accelerator: one
 NVIDIA H100 (989 TFLOP/s dense bf16) at 40% MFU; change with --peak-tflops / --mfu.
-A ratio above 1 means the pipeline keeps up. Prints a table and one JSON line.
+A ratio above 1 means the pipeline keeps up. Also reported: the CPU time one example costs in a single
+process (its inverse times the cores bounds what they can deliver) and the load average, since other
+work on the same cores lowers the measured rate. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -93,6 +95,17 @@ def main():
             workers=args.workers,
             prefetch=2,
         )
+        # CPU cost of one example in this process (decode, resize, normalise, template, tokenise), no workers
+        from aki_jax.data.pipeline import Encode
+        from aki_jax.data.sources import LlavaSource
+
+        source, encode = LlavaSource(path, root), Encode(processor, args.seq_len, 3)
+        start = time.perf_counter()
+        for i in range(100):
+            encode(source[i])
+        encode_ms = (time.perf_counter() - start) * 10
+        load = os.getloadavg()[0]
+
         it = make_train_iterator(data, processor, model, process_index=0, process_count=1)
         start = time.perf_counter()
         batch = next(it)
@@ -122,6 +135,8 @@ def main():
         "images_per_row": images_per_row,
         "examples_per_row": round(per_row, 3),
         "fill": round(tokens / (rows * args.seq_len), 3),
+        "load_average_1min": round(load, 2),
+        "encode_ms_per_example_1_process": round(encode_ms, 2),
         "first_batch_s": round(first, 2),
         "pipeline_examples_per_s": round(produced, 2),
         "train_tflop_per_row": round(flops_per_row / 1e12, 2),

@@ -6,6 +6,7 @@ a TFDS array_record dataset) that tests/test_data_pipeline.py reuses.
 
 import io
 import json
+import pickle
 import tarfile
 
 import numpy as np
@@ -221,6 +222,8 @@ def test_webdataset_reads_images_and_captions_and_skips_unsafe_members(tmp_path)
     assert seen.keys() == expected.keys()
     for caption, image in expected.items():
         np.testing.assert_array_equal(seen[caption], image)  # png and lossless webp: exact
+    copy = pickle.loads(pickle.dumps(source))  # as grain hands it to a worker process
+    assert copy[len(source) - 1] == source[len(source) - 1]
 
 
 # --- LLaVA -----------------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ def test_tfds_array_record_dataset_is_read_with_mapped_features(tmp_path):
         "aki_test_vqa", "train", str(tmp_path / "tfds"), {"image": "image", "question": "question", "answer": "answers"}
     )
     assert len(source) == len(expected)
+    source = pickle.loads(pickle.dumps(source))  # workers reopen the dataset themselves
     for i in range(len(source)):
         example = read(source, i)
         question = example["conversation"][0]["content"].removeprefix("<image>\n")

@@ -324,8 +324,6 @@ class TfdsSource(_Source):
 
     def __init__(self, dataset: str, split: str = "train", data_dir: str = "", features=None, name: str = "",
                  template: str = "plain"):  # fmt: skip
-        import tensorflow_datasets as tfds
-
         self.name = name or f"tfds:{dataset}/{split}"
         self.features = dict(features or {"image": "image", "question": "question", "answer": "answer"})
         if "image" not in self.features or not (
@@ -337,20 +335,39 @@ class TfdsSource(_Source):
         self.template = template
         format_question(template, "q", "A", ["x"])
         self._init_bad()
+        self._where = (dataset, split, data_dir)
+        builder = self._open()
+        self._length = len(self._data)
+        missing = [k for k in self.features.values() if k.split("/")[0] not in builder.info.features]
+        if missing:
+            raise ValueError(f"{self.name}: no feature {missing} (has {sorted(builder.info.features)})")
+
+    def _open(self):
+        import tensorflow_datasets as tfds
+
+        dataset, split, data_dir = self._where
         try:
             builder = tfds.builder(dataset, data_dir=data_dir or None)
             self._data = builder.as_data_source(split=split)
         except Exception as e:  # tfds raises many types (DatasetNotFoundError, AssertionError, ...)
             raise ValueError(f"{self.name}: cannot open prepared TFDS dataset {dataset!r} in {data_dir!r}: {e}") from e
-        missing = [k for k in self.features.values() if k.split("/")[0] not in builder.info.features]
-        if missing:
-            raise ValueError(f"{self.name}: no feature {missing} (has {sorted(builder.info.features)})")
+        return builder
+
+    def __getstate__(self):
+        # Worker processes reopen the files themselves (the open data source need not be picklable).
+        return {k: v for k, v in self.__dict__.items() if k != "_data"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._data = None
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._length
 
     def __getitem__(self, index: int):
         where = f"{self.name}#{index}"
+        if self._data is None:
+            self._open()
         try:
             example = self._data[int(index)]
             image = np.asarray(_feature(example, self.features["image"]))
