@@ -52,6 +52,9 @@ def _ocp():
 def _context(compress: bool):
     ctx = _ocp().Context()
     ctx.array.saving.use_compression = compress
+    # Saves here block until written and nothing mutates the arrays meanwhile: skip orbax's defensive
+    # copy of host arrays, which would double the memory of every batch.
+    ctx.memory.deepcopy_host_arrays = False
     return ctx
 
 

@@ -40,8 +40,19 @@ class ConversionError(ValueError):
     """A checkpoint that does not fit the mapping; the message names the tensor at fault."""
 
 
+class Transform:
+    """`to_jax` / `to_torch` define a transform; `write_jax` / `torch_array` are the copying forms used
+    when streaming (Linear overrides them with a cache-blocked transpose)."""
+
+    def write_jax(self, x, out) -> None:
+        out[...] = self.to_jax(x, out.shape)
+
+    def torch_array(self, x) -> np.ndarray:
+        return np.ascontiguousarray(self.to_torch(x))
+
+
 @dataclasses.dataclass(frozen=True)
-class Same:
+class Same(Transform):
     def torch_shape(self, shape):
         return tuple(shape)
 
@@ -53,7 +64,7 @@ class Same:
 
 
 @dataclasses.dataclass(frozen=True)
-class Flatten:
+class Flatten(Transform):
     def torch_shape(self, shape):
         return (math.prod(shape),)
 
@@ -65,7 +76,7 @@ class Flatten:
 
 
 @dataclasses.dataclass(frozen=True)
-class Linear:
+class Linear(Transform):
     in_axes: int = 1
 
     def torch_shape(self, shape):
@@ -77,9 +88,19 @@ class Linear:
     def to_torch(self, x):
         return x.reshape(math.prod(x.shape[: self.in_axes]), -1).T
 
+    def write_jax(self, x, out) -> None:
+        n_in = math.prod(out.shape[: self.in_axes])
+        transpose_into(x, out.reshape(n_in, -1))  # `out` is a contiguous leaf slice: reshape is a view
+
+    def torch_array(self, x) -> np.ndarray:
+        x = np.ascontiguousarray(x).reshape(math.prod(x.shape[: self.in_axes]), -1)
+        out = np.empty(x.shape[::-1], x.dtype)
+        transpose_into(x, out)
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
-class Conv:
+class Conv(Transform):
     def torch_shape(self, shape):
         h, w, i, o = shape
         return (o, i, h, w)
@@ -89,6 +110,17 @@ class Conv:
 
     def to_torch(self, x):
         return x.transpose(3, 2, 0, 1)
+
+
+def transpose_into(src, dst, block: int = 128) -> None:
+    """dst[...] = src.T for 2-D arrays, tile by tile: a plain strided transpose of a large matrix misses
+    the cache on every element (several times slower than this)."""
+    rows, cols = src.shape
+    if dst.shape != (cols, rows):
+        raise ValueError(f"transpose_into: {src.shape} -> {dst.shape}")
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            dst[j : j + block, i : i + block] = src[i : i + block, j : j + block].T
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +133,7 @@ class Entry:
 
     torch_key: str
     path: tuple[str, ...]
-    transform: Same | Flatten | Linear | Conv
+    transform: Transform
     layers: str | None = None
 
 
@@ -316,21 +348,27 @@ def iter_params(
         shape = leaf_shape(config, entry)
         torch_shape = entry.transform.torch_shape(shape)
         keys = torch_keys(entry, config)
-        leaf = None
+        leaf = dtype_of_leaf = None  # filled as raw bits (see `_bits`), viewed as the real dtype at the end
         for i, key in enumerate(keys):
             if key not in state_dict:
                 raise ConversionError(f"missing key {key!r} (for aki-jax parameter {'/'.join(entry.path)})")
             x = state_dict[key]
-            _check_tensor(key, x, torch_shape, None if leaf is None or cast is not None else leaf.dtype)
-            x = entry.transform.to_jax(x, shape)
-            if entry.layers is None:
-                leaf = np.array(x, dtype=cast or x.dtype, copy=True)
-            else:
-                if leaf is None:
-                    leaf = np.empty((len(keys),) + tuple(shape), dtype=cast or x.dtype)
-                leaf[i] = x  # numpy casts on assignment (bit-exact when the dtypes agree)
-            del x
-        yield entry.path, leaf
+            _check_tensor(key, x, torch_shape, None if leaf is None or cast is not None else dtype_of_leaf)
+            if cast is not None and x.dtype != cast:
+                x = x.astype(cast)
+            if leaf is None:
+                dtype_of_leaf = x.dtype
+                leaf = np.empty((len(keys),) + tuple(shape) if entry.layers else tuple(shape), _bits(x.dtype))
+            target = leaf[i] if entry.layers else leaf
+            entry.transform.write_jax(x.view(_bits(x.dtype)), target)
+            del x, target
+        yield entry.path, leaf.view(dtype_of_leaf)
+
+
+def _bits(dtype) -> np.dtype:
+    """The unsigned integer dtype of the same width: layout moves on raw bits are bit-exact and take
+    numpy's fast copy loops (ml_dtypes' bfloat16 copies element by element otherwise)."""
+    return np.dtype(f"u{np.dtype(dtype).itemsize}")
 
 
 def entry_to_torch(entry: Entry, leaf, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
@@ -341,11 +379,12 @@ def entry_to_torch(entry: Entry, leaf, config: AKIConfig) -> Iterator[tuple[str,
         raise ConversionError(
             f"aki-jax parameter {'/'.join(entry.path)}: shape {tuple(leaf.shape)}, expected {want} for this config"
         )
+    bits = leaf.view(_bits(leaf.dtype))
     if entry.layers is None:
-        yield entry.torch_key, np.ascontiguousarray(entry.transform.to_torch(leaf))
+        yield entry.torch_key, entry.transform.torch_array(bits).view(leaf.dtype)
     else:
-        for key, layer in zip(torch_keys(entry, config), leaf, strict=True):
-            yield key, np.ascontiguousarray(entry.transform.to_torch(layer))
+        for key, layer in zip(torch_keys(entry, config), bits, strict=True):
+            yield key, entry.transform.torch_array(layer).view(leaf.dtype)
 
 
 def iter_torch(params, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
