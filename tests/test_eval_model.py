@@ -355,3 +355,57 @@ def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     assert tool.main(argv) == 0
     assert tool.main(argv[:-6] + ["--mode", "generate", "--benchmark", files[0]]) == 1  # other settings refused
     assert "other settings (" in capsys.readouterr().err
+
+
+WORKER = """
+import sys
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from aki_jax.evaluation import job
+job.evaluate_checkpoint(sys.argv[3], [sys.argv[4]], sys.argv[5], batch_size=8, length_multiple=256, progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_work_and_agree_with_one(
+    model_and_params, tokenizer, benchmarks, tmp_path, single_device_runs
+):
+    """Two real JAX processes (4 CPU devices each, gloo collectives) on one mesh of 8 devices."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from aki_jax.checkpoint import save_pretrained
+
+    model, params = model_and_params
+    tokenizer.save(tmp_path / "tok")
+    save_pretrained(tmp_path / "ckpt", model.config, params, tokenizer_dir=tmp_path / "tok")
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = f"{root}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    bench = benchmarks[1]
+    args = [str(tmp_path / "ckpt"), bench.path, str(tmp_path / "out")]
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, address, str(p), *args], env=env, stderr=subprocess.PIPE)
+        for p in (0, 1)
+    ]
+    for w in workers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err.decode()[-3000:]
+    shards = sorted((tmp_path / "out" / bench.name / "shards").glob("*.jsonl"))
+    assert [len(s.read_text().splitlines()) for s in shards] == [4, 3]  # 7 items, round robin
+    got, want = _records(tmp_path / "out", bench), _records(single_device_runs["likelihood"][0], bench)
+    assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(
+            [a["log_likelihoods"][k] for k in sorted(b["log_likelihoods"])],
+            [b["log_likelihoods"][k] for k in sorted(b["log_likelihoods"])],
+            atol=1e-4,
+        )
