@@ -310,6 +310,10 @@ def test_configuration_mistakes_fail_at_start_with_a_clear_message(setup, tmp_pa
     missing = SourceConfig("webdataset", str(tmp_path / "none-{000..009}.tar"))
     with pytest.raises(FileNotFoundError, match=r"none-000\.tar.*and 7 more"):
         make_train_iterator(DataConfig(sources=(missing,)), processor, config, process_index=0, process_count=1)
+    no_root = SourceConfig("vqa", str(tmp_path / "qa.jsonl"), image_root=str(tmp_path / "nowhere"))
+    (tmp_path / "qa.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="image_root .*nowhere.* is not a directory"):
+        make_train_iterator(DataConfig(sources=(no_root,)), processor, config, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="not divisible"):
         make_train_iterator(DataConfig(batch_size=3), processor, config, process_index=0, process_count=2)
     round_trip = DataConfig.from_dict(json.loads(json.dumps(DataConfig().to_dict())))

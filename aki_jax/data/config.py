@@ -25,7 +25,8 @@ class SourceConfig:
     image_root: llava / vqa: the directory image file names are relative to.
     split: digits: "train" | "heldout"; tfds: the split (`train`, `train[:90%]`, ...).
     data_dir: tfds: where the prepared dataset lives (nothing is downloaded).
-    features: tfds: role -> feature key, roles `image` + `question` + `answer` (+ `choices`) or `caption`.
+    features: tfds: role -> feature key, roles `image` + `question` + `answer` (+ `choices`) or `caption`;
+      webdataset: {"caption": key} picks the caption's key in `.json` members (default: caption, text, txt).
     template: vqa / tfds question template: "plain", "short_answer", "multiple_choice" (aki_jax.data.templates).
     name: shown in statistics; defaults to "<kind>:<path>".
     """

@@ -25,7 +25,7 @@ from aki_jax.data.config import DataConfig, SourceConfig
 from aki_jax.data.digits import DigitsSource
 from aki_jax.data.packing import PackIterDataset, empty_row
 from aki_jax.data.records import Bad
-from aki_jax.data.sources import LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
+from aki_jax.data.sources import CAPTION_KEYS, LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
 
 log = logging.getLogger(__name__)
 _LOGGED_BAD = 20  # bad records logged one by one per iterator; the rest only counted
@@ -40,7 +40,8 @@ def build_source(source: SourceConfig, image_size: int):
     if source.kind == "digits":
         return DigitsSource(source.split, image_size, name=source.name)
     if source.kind == "webdataset":
-        return WebDatasetSource(source.path, name=source.name)
+        keys = (source.features or {}).get("caption")
+        return WebDatasetSource(source.path, name=source.name, caption_keys=(keys,) if keys else CAPTION_KEYS)
     if source.kind == "llava":
         return LlavaSource(source.path, source.image_root, name=source.name)
     if source.kind == "vqa":

@@ -223,6 +223,11 @@ def _line_spans(path: str, chunk: int = 1 << 24):
         yield start, offset
 
 
+def _check_image_root(image_root: str, name: str) -> None:
+    if image_root and not os.path.isdir(image_root):
+        raise FileNotFoundError(f"{name}: image_root {image_root!r} is not a directory")
+
+
 def _image_paths(value, image_root: str) -> list[str]:
     if value is None:
         return []
@@ -243,6 +248,7 @@ class LlavaSource(_JsonRecords):
 
     def __init__(self, pattern: str, image_root: str = "", name: str = ""):
         super().__init__(pattern, name or f"llava:{pattern}")
+        _check_image_root(image_root, self.name)
         self.image_root = image_root
 
     def __getitem__(self, index: int):
@@ -279,6 +285,7 @@ class VqaJsonlSource(_JsonRecords):
 
     def __init__(self, pattern: str, image_root: str = "", name: str = "", template: str = "plain"):
         super().__init__(pattern, name or f"vqa:{pattern}")
+        _check_image_root(image_root, self.name)
         self.image_root = image_root
         self.template = template
         format_question(template, "q", "A", ["x"])  # fail at start on an unknown template
