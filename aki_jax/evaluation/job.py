@@ -83,8 +83,6 @@ def evaluate_checkpoint(
     batch_size: rows per model call over all processes (one row per candidate answer in likelihood
     mode, per question in generation); a multiple of the devices the batch is split over.
     """
-    import jax
-
     from aki_jax import sharding
     from aki_jax.checkpoint import CONFIG_FILE, load_pretrained
     from aki_jax.config import AKIConfig
@@ -120,6 +118,7 @@ def evaluate_checkpoint(
         max_new_tokens=max_new_tokens,
         dist=dist,
     )
-    settings = {"checkpoint": str(checkpoint), "dtype": dtype, "task": task, "devices": jax.device_count()}
+    # What changes predictions; the device count does not, so a resumed job may run on another topology.
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "dtype": dtype, "task": task}
     scorer = EvaluationScorer(model_runner, mode=mode, continuation=continuation, settings=settings)
     return evaluate(benchmarks, scorer, output_dir, dist, progress=progress, mode=mode)
