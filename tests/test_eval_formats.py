@@ -359,3 +359,41 @@ def test_mmbench_circular_accuracy_needs_every_rotation_right():
     assert scores["circular_accuracy"] == pytest.approx(2 / 3)
     assert scores["accuracy"] == pytest.approx(4 / 5)
     assert "circular_accuracy" not in metrics.benchmark_scores(records[:1] + records[2:3])
+
+
+KILLED_WORKER = """
+import os, signal, sys
+from aki_jax.evaluation import runner
+from aki_jax.evaluation.readers import read_benchmark
+
+class Scorer:
+    rows_per_step = 3
+    calls = 0
+    def settings(self): return {"mode": "fake"}
+    def item_rows(self, item): return 2
+    def prepare(self, item): return item
+    def run(self, rows):
+        if self.calls == int(sys.argv[3]):
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real preemption
+        self.calls += 1
+        return [None] * len(rows)
+    def finish(self, item, outputs): return {"prediction": "A"}
+
+runner.evaluate_benchmark(read_benchmark(sys.argv[1]), Scorer(), sys.argv[2], progress=False)
+"""
+
+
+def test_sigkilled_process_keeps_every_item_it_finished(tmp_path):
+    import subprocess
+    import sys
+
+    bench = _fake_benchmark(tmp_path, n=9)
+    command = [sys.executable, "-c", KILLED_WORKER, bench.path, str(tmp_path / "out"), "4"]
+    assert subprocess.run(command).returncode == -9
+    shard = tmp_path / "out" / "fake" / "shards" / "process-00000.jsonl"
+    assert [json.loads(x)["index"] for x in shard.read_text().splitlines()] == [0, 1, 2, 3, 4, 5]  # 4 steps x 3 rows
+    scorer = CountingScorer()
+    runner.evaluate_benchmark(bench, scorer, tmp_path / "out", progress=False)
+    assert scorer.calls == 2  # items 6-8: 6 rows in steps of 3
+    merged = runner.merge_predictions(bench, tmp_path / "out")
+    assert [r["index"] for r in merged] == list(range(9))
