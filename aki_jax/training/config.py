@@ -96,9 +96,11 @@ class EvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FaultConfig:
-    """Testing hooks: `kill_at_step` SIGKILLs this process right after that step (no cleanup at all)."""
+    """Testing hooks, after the given step: `kill_at_step` SIGKILLs this process (no cleanup at all);
+    `sigterm_at_step` sends it SIGTERM (as a preemption notice would)."""
 
     kill_at_step: int = 0
+    sigterm_at_step: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,6 +138,8 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result))
             if config.fault.kill_at_step and step == config.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
+            if config.fault.sigterm_at_step and step == config.fault.sigterm_at_step:
+                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a preemption notice
             if preemption.should_stop(step):
                 reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
                 checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
