@@ -72,7 +72,9 @@ class DecoderLayer(nn.Module):
         w_down = param(self, "down_kernel", default_kernel_init, (f, d), ("mlp", "embed"), pd)
 
         y = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x)
-        q, k, v = jnp.einsum("BTD,DKNH->KBTNH", y, w_qkv.astype(dt))
+        # Keep the fused index after B, T: a K-first output makes XLA transpose the weight on every call.
+        qkv = jnp.einsum("BTD,DKNH->BTKNH", y, w_qkv.astype(dt))
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
@@ -84,7 +86,8 @@ class DecoderLayer(nn.Module):
         x = constrain(x + jnp.einsum("BTNH,NHD->BTD", attn, w_o.astype(dt)), ACT)
 
         y = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(x)
-        gate, up = jnp.einsum("BTD,DKF->KBTF", y, w_gate_up.astype(dt))
+        gate_up = jnp.einsum("BTD,DKF->BTKF", y, w_gate_up.astype(dt))
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
         x = x + jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, w_down.astype(dt))
         return constrain(x, ACT), new_cache
 
