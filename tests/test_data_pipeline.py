@@ -39,6 +39,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_shards(root / "shards")
     write_shards(root / "bad_shards", bad=True)
+    write_shards(root / "four_shards", n_shards=4)
     write_llava(root / "llava")
     write_vqa(root / "vqa", n=8)
     write_vqa(root / "text_qa", n=10, with_images=False)
@@ -55,6 +56,11 @@ def every_format(root):
                      features={"image": "image", "question": "question", "answer": "answers"}),
         SourceConfig("digits", weight=2),
     )  # fmt: skip
+
+
+def small(**fields):
+    """A DataConfig with little read-ahead (tests read few batches), no background thread unless asked."""
+    return DataConfig(**{"prefetch": 0, "read_buffer": 2, "read_threads": 1, "shuffle_buffer": 4, **fields})
 
 
 def take(iterator, n):
@@ -74,7 +80,9 @@ def segments(batch):
 
 def test_every_format_mixed_and_packed_gives_contract_batches(setup, files):
     tokenizer, config, processor = setup
-    data = DataConfig(sources=every_format(files), seq_len=256, packing=True, batch_size=4, max_bad_fraction=1.0)
+    data = small(
+        sources=every_format(files), seq_len=256, packing=True, batch_size=4, max_bad_fraction=1.0, shuffle_buffer=4
+    )
     it = make_train_iterator(data, processor, config, process_index=0, process_count=1)
     texts = []
     t = config.image_token_count
@@ -110,7 +118,7 @@ def test_every_format_mixed_and_packed_gives_contract_batches(setup, files):
 def test_padded_rows_hold_the_exact_preprocessed_image_of_their_question(setup, files):
     tokenizer, config, processor = setup
     source = SourceConfig("vqa", str(files / "vqa/vqa.jsonl"), image_root=str(files / "vqa/images"))
-    data = DataConfig(sources=(source,), seq_len=128, batch_size=2, epochs=1, prefetch=0)
+    data = small(sources=(source,), seq_len=128, batch_size=2, epochs=1, prefetch=0)
     seen = []
     for batch in make_train_iterator(data, processor, config, process_index=0, process_count=1):
         assert batch["pixel_values"].shape == (2, 1, 28, 28, 3)
@@ -208,10 +216,13 @@ def test_resume_from_saved_state_continues_with_exactly_the_next_batches(setup, 
     _, config, processor = setup
     sources = (
         SourceConfig("digits", weight=3),
+        SourceConfig("webdataset", str(files / "shards/shard-{0000..0001}.tar")),
         SourceConfig("vqa", str(files / "vqa/vqa.jsonl"), image_root=str(files / "vqa/images")),
         SourceConfig("llava", str(files / "llava/llava.jsonl"), image_root=str(files / "llava/images")),
     )
-    data = DataConfig(sources=sources, seq_len=192, packing=True, batch_size=2, workers=workers, max_bad_fraction=1.0)
+    data = small(
+        sources=sources, seq_len=192, packing=True, batch_size=2, workers=workers, max_bad_fraction=1.0, prefetch=2
+    )  # fmt: skip  (background thread included)
     first = make_train_iterator(data, processor, config, process_index=0, process_count=1)
     take(first, 3)
     state = json.loads(json.dumps(first.get_state()))  # what a checkpoint stores
@@ -233,24 +244,35 @@ def test_resume_from_saved_state_continues_with_exactly_the_next_batches(setup, 
         assert stats["bad"]  # the llava file's bad records were counted
 
 
-def test_two_processes_share_the_data_exactly_once(setup, files):
+@pytest.mark.parametrize("kind", ["vqa", "webdataset"])
+def test_two_processes_share_the_data_exactly_once(setup, files, kind):
+    """Records (vqa) or whole shards (webdataset, 4 shards) are divided among processes."""
     tokenizer, config, processor = setup
-    source = SourceConfig("vqa", str(files / "text_qa/vqa.jsonl"))
-    data = DataConfig(sources=(source,), seq_len=64, packing=True, batch_size=2, epochs=1, seed=3, prefetch=0)
+    if kind == "vqa":
+        source, pattern, count = SourceConfig("vqa", str(files / "text_qa/vqa.jsonl")), r"question (\d+)", 10
+    else:
+        source, pattern, count = (
+            SourceConfig("webdataset", str(files / "four_shards/shard-{0000..0003}.tar")),
+            r"photo (\d \d)",
+            12,
+        )
+    data = small(
+        sources=(source,), seq_len=64, packing=True, batch_size=2, epochs=1, seed=3, prefetch=0, shuffle_buffer=5
+    )
     shares = []
     for p in range(2):
         found = []
         for batch in make_train_iterator(data, processor, config, process_index=p, process_count=2):
             assert batch["input_ids"].shape[0] == 1  # global batch 2 over 2 processes
-            found += [int(k) for k in re.findall(r"question (\d+)", tokenizer.decode(batch["input_ids"][0]))]
+            found += re.findall(pattern, tokenizer.decode(batch["input_ids"][0]))
         shares.append(found)
     assert len(set(shares[0]) & set(shares[1])) == 0
-    assert sorted(shares[0] + shares[1]) == list(range(10))
+    assert len(shares[0] + shares[1]) == len(set(shares[0] + shares[1])) == count
 
 
 def test_eval_iterator_covers_the_heldout_digits_once_with_equal_batch_counts(setup):
     tokenizer, config, processor = setup
-    data = DataConfig(seq_len=64, batch_size=128)
+    data = small(seq_len=64, batch_size=128)
     counts, rows = [], 0
     for p in range(2):
         ev = make_eval_iterator(data, processor, config, process_index=p, process_count=2)
@@ -274,13 +296,15 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(setup, files):
     (long_qa / "qa.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     cases = {
         SourceConfig("webdataset", str(files / "bad_shards/shard-{0000..0001}.tar"), name="tar"): (
-            {"tar/bad_image": 1}, {"tar/unsafe_tar_member": 3, "tar/incomplete_sample": 1}, 6),
+            {"tar/bad_image": 1, "tar/unsafe_tar_member": 3, "tar/incomplete_sample": 1}, {}, 6),
         SourceConfig("llava", str(files / "llava/llava.jsonl"), image_root=str(files / "llava/images"), name="lv"): (
             {"lv/bad_json": 1, "lv/missing_image": 1, "lv/image_count_mismatch": 1}, {}, 3),
         SourceConfig("vqa", str(long_qa / "qa.jsonl"), name="qa"): ({"qa/too_long": 1}, {}, 1),
     }  # fmt: skip
     for source, (bad, index_bad, good) in cases.items():
-        data = DataConfig(sources=(source,), seq_len=128, batch_size=1, epochs=1, max_bad_fraction=1.0, prefetch=0)
+        data = small(
+            sources=(source,), seq_len=128, batch_size=1, epochs=1, max_bad_fraction=1.0, prefetch=0, shuffle_buffer=4
+        )
         it = make_train_iterator(data, processor, config, process_index=0, process_count=1)
         assert len(list(it)) == good, source.name
         stats = it.stats()
@@ -291,13 +315,18 @@ def test_each_kind_of_bad_input_is_skipped_and_counted(setup, files):
 def test_too_much_bad_data_fails_the_run(setup, files):
     _, config, processor = setup
     shards = SourceConfig("webdataset", str(files / "bad_shards/shard-{0000..0001}.tar"))
-    with pytest.raises(BadDataError, match=r"4 of 11 records are bad.*unsafe_tar_member"):
-        make_train_iterator(DataConfig(sources=(shards,), max_bad_fraction=0.2), processor, config,
-                            process_index=0, process_count=1)  # fmt: skip
+    data = small(sources=(shards,), eval_sources=(shards,), seq_len=128, batch_size=1, max_bad_fraction=0.2,
+                      bad_check_after=8, prefetch=0, shuffle_buffer=4)  # fmt: skip
+    with pytest.raises(BadDataError, match=r"4 of 11 records are bad.*unsafe_tar_member"):  # indexed at start
+        make_eval_iterator(data, processor, config, process_index=0, process_count=1)
+    it = make_train_iterator(data, processor, config, process_index=0, process_count=1)  # streamed
+    with pytest.raises(
+        BadDataError, match=r"of \d+ records read were bad.*shard-\{0000..0001\}.tar/.*max_bad_fraction=0.2"
+    ):
+        take(it, 20)
     llava = SourceConfig("llava", str(files / "llava/llava.jsonl"), image_root=str(files / "llava/images"))
-    data = DataConfig(sources=(llava,), seq_len=128, batch_size=1, max_bad_fraction=0.2, bad_check_after=8, prefetch=0)
-    it = make_train_iterator(data, processor, config, process_index=0, process_count=1)
-    with pytest.raises(BadDataError, match=r"of \d+ records read were bad.*max_bad_fraction=0.2"):
+    it = make_train_iterator(data.replace(sources=(llava,)), processor, config, process_index=0, process_count=1)
+    with pytest.raises(BadDataError, match=r"of \d+ records read were bad.*missing_image.*max_bad_fraction=0.2"):
         take(it, 20)
 
 
@@ -309,11 +338,11 @@ def test_configuration_mistakes_fail_at_start_with_a_clear_message(setup, tmp_pa
         DataConfig.from_dict({"sources": [{"kind": "parquet", "path": "x"}]})
     missing = SourceConfig("webdataset", str(tmp_path / "none-{000..009}.tar"))
     with pytest.raises(FileNotFoundError, match=r"none-000\.tar.*and 7 more"):
-        make_train_iterator(DataConfig(sources=(missing,)), processor, config, process_index=0, process_count=1)
+        make_train_iterator(small(sources=(missing,)), processor, config, process_index=0, process_count=1)
     no_root = SourceConfig("vqa", str(tmp_path / "qa.jsonl"), image_root=str(tmp_path / "nowhere"))
     (tmp_path / "qa.jsonl").write_text("")
     with pytest.raises(FileNotFoundError, match="image_root .*nowhere.* is not a directory"):
-        make_train_iterator(DataConfig(sources=(no_root,)), processor, config, process_index=0, process_count=1)
+        make_train_iterator(small(sources=(no_root,)), processor, config, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="not divisible"):
         make_train_iterator(DataConfig(batch_size=3), processor, config, process_index=0, process_count=2)
     round_trip = DataConfig.from_dict(json.loads(json.dumps(DataConfig().to_dict())))

@@ -82,9 +82,14 @@ class DataConfig:
     images_per_row: image slots I per row (pixel_values f32[B, I, S, S, 3]); 0 picks 1 without packing and
       seq_len // image_token_count with packing. An example with more images than I is skipped.
     seed: shuffling seed (each source shuffles with its own seed derived from it, reshuffled each epoch).
-    epochs: passes over each source; None repeats forever (training).
+    epochs: passes over each source; None repeats forever (training). With several sources the mixture
+      ends when the first of them (relative to its weight) runs out.
     workers: grain worker processes decoding and tokenising (0: in the calling process).
-    read_threads: threads reading records in each worker.
+    read_threads: threads reading and encoding records, per random-access source and worker.
+    read_buffer: examples each of those sources keeps ready.
+    shuffle_buffer: streaming webdataset: sample references are shuffled in windows of this many (the
+      shard order is shuffled too); a window spanning many tiny shards re-indexes each, so keep it near
+      the samples per shard or below.
     prefetch: batches kept ready by a background thread (0: none).
     max_bad_fraction: fail when more than this fraction of the records read were bad ...
     bad_check_after: ... once at least this many records were read (and at start for records skipped
@@ -103,6 +108,8 @@ class DataConfig:
     epochs: int | None = None
     workers: int = 0
     read_threads: int = 2
+    read_buffer: int = 16
+    shuffle_buffer: int = 1000
     prefetch: int = 2
     max_bad_fraction: float = 0.05
     bad_check_after: int = 100

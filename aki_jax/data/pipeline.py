@@ -1,9 +1,9 @@
 """The training and evaluation input pipelines, built on grain.
 
-    sources (per process: records p, p+P, ...)  -> shuffle(seed), repeat      each a grain MapDataset
-    mix(weights)                                 -> decode images, chat template, tokenise   (Encode)
-    to_iter_dataset, mp_prefetch(workers)        -> count and drop bad records (BadRecordCounter)
-    pack or pad into rows (PackIterDataset)      -> batch -> background prefetch
+    per source: records p, p+P, ... (shards p, p+P, ... for webdataset) -> shuffle(seed), repeat
+                -> decode images, chat template, tokenise, check size (Encode)   one grain IterDataset each
+    mix(weights) -> mp_prefetch(workers) -> count and drop bad records (BadRecordCounter)
+    -> pack or pad into rows (PackIterDataset) -> batch -> background prefetch
 
 Everything is deterministic given the config and the process index, and the iterator's state (a small
 JSON-serialisable dict, `DataIterator.get_state`) restores the exact position, bad-record counts included.
@@ -25,7 +25,15 @@ from aki_jax.data.config import DataConfig, SourceConfig
 from aki_jax.data.digits import DigitsSource
 from aki_jax.data.packing import PackIterDataset, empty_row
 from aki_jax.data.records import Bad
-from aki_jax.data.sources import CAPTION_KEYS, LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
+from aki_jax.data.shuffle import WindowShuffleIterDataset
+from aki_jax.data.sources import (
+    CAPTION_KEYS,
+    LlavaSource,
+    TfdsSource,
+    VqaJsonlSource,
+    WebDatasetShards,
+    WebDatasetSource,
+)
 
 log = logging.getLogger(__name__)
 _LOGGED_BAD = 20  # bad records logged one by one per iterator; the rest only counted
@@ -35,13 +43,18 @@ class BadDataError(RuntimeError):
     """Too large a fraction of the data was unusable."""
 
 
-def build_source(source: SourceConfig, image_size: int):
-    """SourceConfig -> a random-access source (fails here, at start, on missing files or bad settings)."""
+def build_source(source: SourceConfig, image_size: int, streaming: bool = False):
+    """SourceConfig -> a source (fails here, at start, on missing files or bad settings).
+
+    All kinds are random-access sources; with `streaming`, webdataset shards are instead read shard by
+    shard (`WebDatasetShards`), so that no index over all shards is built at start.
+    """
     if source.kind == "digits":
         return DigitsSource(source.split, image_size, name=source.name)
     if source.kind == "webdataset":
         keys = (source.features or {}).get("caption")
-        return WebDatasetSource(source.path, name=source.name, caption_keys=(keys,) if keys else CAPTION_KEYS)
+        reader = WebDatasetShards if streaming else WebDatasetSource
+        return reader(source.path, name=source.name, caption_keys=(keys,) if keys else CAPTION_KEYS)
     if source.kind == "llava":
         return LlavaSource(source.path, source.image_root, name=source.name)
     if source.kind == "vqa":
@@ -53,6 +66,8 @@ def build_source(source: SourceConfig, image_size: int):
 
 def _check_index_bad(sources, max_bad_fraction: float) -> None:
     for source in sources:
+        if isinstance(source, WebDatasetShards):
+            continue  # counted as the stream reaches each shard
         bad = sum(source.index_bad.values())
         if bad:
             log.warning("%s: skipped %d records while indexing: %s; e.g. %s", source.name, bad,
@@ -184,7 +199,7 @@ class DataIterator:
             "records_read": it.seen if it else 0,
             "bad": dict(it.bad) if it else {},
             "bad_while_indexing": index_bad,
-            "records_available": {s.name: len(s) for s in self.sources},
+            "records_available": {s.name: None if isinstance(s, WebDatasetShards) else len(s) for s in self.sources},
         }
 
     def close(self) -> None:
@@ -229,7 +244,7 @@ def _per_process_batch(batch_size: int, process_count: int) -> int:
 
 
 def _read_options(config: DataConfig) -> grain.ReadOptions:
-    return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=max(4, 2 * config.batch_size))
+    return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_buffer)
 
 
 def make_train_iterator(
@@ -256,20 +271,63 @@ def make_train_iterator(
     batch = _per_process_batch(config.batch_size, process_count)
     image_size = _image_size(processor)
     images = _images_per_row(config, model_config.image_token_count)
-    sources = [build_source(s, config.digits_image_size or image_size) for s in config.sources]
+    sources = [build_source(s, config.digits_image_size or image_size, streaming=True) for s in config.sources]
     _check_index_bad(sources, config.max_bad_fraction)
-
-    parts = []
-    for k, source in enumerate(sources):
-        ds = grain.MapDataset.source(source)[process_index::process_count]
-        if len(ds) == 0:
-            raise ValueError(f"{source.name}: {len(source)} records cannot be shared by {process_count} processes")
-        ds = ds.shuffle(seed=config.seed * 1_000_003 + k).repeat(config.epochs)
-        parts.append(ds)
+    encode = Encode(processor, config.seq_len, images)
+    parts = [
+        _train_stream(source, encode, config, config.seed * 1_000_003 + k, process_index, process_count)
+        for k, source in enumerate(sources)
+    ]
     weights = [s.weight for s in config.sources]
-    ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-    ds = ds.map(Encode(processor, config.seq_len, images))
+    ds = parts[0] if len(parts) == 1 else grain.IterDataset.mix(parts, weights)
     return _finish(ds, config, sources, batch, images, image_size, model_config, drop_remainder=True)
+
+
+class ShardSamples(grain.experimental.FlatMapTransform):
+    """Shard path -> references to its samples (and Bad records for its skipped members)."""
+
+    def __init__(self, source: WebDatasetShards):
+        self.source = source
+
+    def flat_map(self, path):
+        return self.source.shard_samples(path)
+
+
+class ReadAndEncode:
+    """Sample reference -> processed example (or Bad)."""
+
+    def __init__(self, source: WebDatasetShards, encode: Encode):
+        self.source = source
+        self.encode = encode
+
+    def __call__(self, ref):
+        return self.encode(self.source.read(ref))
+
+
+def _train_stream(source, encode: Encode, config: DataConfig, seed: int, process_index: int, process_count: int):
+    """One source's endless (or `config.epochs`) stream of processed examples for this process.
+
+    Random-access sources: records p, p+P, ... shuffled (reshuffled each epoch), encoded by reader threads.
+    Streaming webdataset: shards p, p+P, ... shuffled, each indexed when reached, sample references
+    shuffled in windows of `config.shuffle_buffer`, then read and encoded.
+    """
+    if isinstance(source, WebDatasetShards):
+        shards = grain.MapDataset.source(source.shards)[process_index::process_count]
+        if len(shards) == 0:
+            raise ValueError(
+                f"{source.name}: {len(source.shards)} shard(s) cannot be shared by {process_count} processes "
+                "(each process reads whole shards: write at least one shard per process)"
+            )
+        ds = shards.shuffle(seed=seed).repeat(config.epochs).to_iter_dataset()
+        ds = grain.experimental.FlatMapIterDataset(ds, ShardSamples(source))
+        if config.shuffle_buffer > 1:
+            ds = WindowShuffleIterDataset(ds, config.shuffle_buffer, seed)
+        return ds.map(ReadAndEncode(source, encode))
+    ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"{source.name}: {len(source)} records cannot be shared by {process_count} processes")
+    ds = ds.shuffle(seed=seed).repeat(config.epochs).map(encode)
+    return ds.to_iter_dataset(_read_options(config))
 
 
 def _absl_flags_ready() -> None:
@@ -281,7 +339,7 @@ def _absl_flags_ready() -> None:
 
 
 def _finish(ds, config, sources, batch, images, image_size, model_config, drop_remainder, packing=None):
-    ds = ds.to_iter_dataset(_read_options(config))
+    """Encoded IterDataset -> workers, bad-record counting, packing or padding, batching, prefetch."""
     if config.workers > 0:
         _absl_flags_ready()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
@@ -360,7 +418,7 @@ def make_eval_iterator(
     _check_index_bad(built, config.max_bad_fraction)
     parts = [grain.MapDataset.source(s)[process_index::process_count] for s in built]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
-    ds = ds.map(Encode(processor, config.seq_len, images))
+    ds = ds.map(Encode(processor, config.seq_len, images)).to_iter_dataset(_read_options(config))
     largest_share = sum(math.ceil(len(s) / process_count) for s in built)
     data = _finish(ds, config, built, batch, images, image_size, model_config, drop_remainder=False, packing=False)
     row = empty_row(config.seq_len, images, (image_size, image_size, 3), model_config.pad_token_id)

@@ -6,6 +6,7 @@ with `index_bad_examples` describing the first few. Sources are picklable so tha
 to worker processes; open files are reopened lazily in each process.
 
   WebDatasetSource   tar shards (`shard-{00000..01000}.tar`) of `{key}.jpg|png|webp` + `{key}.txt|json`
+  WebDatasetShards   the same shards streamed shard by shard (training: no index built at start)
   LlavaSource        LLaVA instruction JSON / JSONL (`image`, `conversations` of human/gpt turns) + image root
   VqaJsonlSource     JSONL of `image`, `question`, `answer` (optional `choices`, `id`) + image root
   TfdsSource         a prepared TFDS dataset read through `as_data_source` (array_record), feature keys mapped
@@ -81,14 +82,76 @@ def _unsafe_member(member: tarfile.TarInfo) -> str:
     return ""
 
 
-class WebDatasetSource(_Source):
-    """Caption pairs from webdataset-style tar shards, indexed once (headers only) for random access.
+def index_shard(path: str) -> tuple[list[tuple[int, int, int, int, int]], list[tuple[str, str, str]]]:
+    """Samples of one tar shard from its headers, without reading member data.
 
     Members are grouped by key: the path up to the first dot of the file name (`a/b.0.jpg` has key `a/b`
-    and extension `0.jpg`, matched on its last part). A sample needs one image and one caption; a `.json`
-    caption is read from its first key among `caption_keys`. Unsafe members (absolute paths, `..`, links),
-    incomplete samples and unreadable shards are skipped and counted while indexing.
-    Index arrays: `shard` int32[N], `image` int64[N, 2] and `text` int64[N, 2] (offset, size), `is_json` bool[N].
+    and extension `0.jpg`, matched on its last part). A sample needs one image and one caption.
+    Returns (samples, skipped): samples as (image offset, image size, text offset, text size, is_json),
+    in order of first appearance; skipped as (reason, where, detail) for unsafe members (absolute paths,
+    `..`, links), incomplete samples and a damaged shard (whose samples before the damage are kept).
+    """
+    samples = {}  # key -> {"image": (offset, size), "text": (offset, size, is_json)}
+    skipped = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                unsafe = _unsafe_member(member)
+                if unsafe:
+                    skipped.append(("unsafe_tar_member", f"{path}:{member.name}", unsafe))
+                    continue
+                if not member.isfile():
+                    continue
+                directory, base = os.path.split(member.name)
+                if "." not in base:
+                    continue
+                stem, extension = base.split(".", 1)
+                entry = samples.setdefault(os.path.join(directory, stem), {})
+                kind = extension.lower().rsplit(".", 1)[-1]
+                if kind in IMAGE_EXTENSIONS and "image" not in entry:
+                    entry["image"] = (member.offset_data, member.size)
+                elif kind in CAPTION_EXTENSIONS and "text" not in entry:
+                    entry["text"] = (member.offset_data, member.size, int(kind == "json"))
+    except (tarfile.TarError, OSError, EOFError) as e:
+        skipped.append(("bad_shard", path, str(e)))
+    found = []
+    for key, entry in samples.items():
+        if "image" not in entry or "text" not in entry:
+            missing = "image" if "image" not in entry else "caption"
+            skipped.append(("incomplete_sample", f"{path}:{key}", f"no {missing}"))
+            continue
+        found.append((*entry["image"], *entry["text"]))
+    return found, skipped
+
+
+class _TarSamples(_Source):
+    """Reading one indexed sample of a shard (shared by the random-access and the streaming reader)."""
+
+    def _read_sample(self, path: str, sample, where: str):
+        image_offset, image_size, text_offset, text_size, is_json = map(int, sample)
+        text = self._files.read(path, text_offset, text_size)
+        try:
+            caption = text.decode("utf-8")
+            if is_json:
+                data = json.loads(caption)
+                caption = next((data[k] for k in self.caption_keys if isinstance(data.get(k), str)), None)
+                if caption is None:
+                    return Bad("bad_record", self.name, where, f"json caption has none of {self.caption_keys}")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            return Bad("bad_json", self.name, where, str(e))
+        image = self._files.read(path, image_offset, image_size)
+        return records.caption_example(self.name, where, [image], caption.strip())
+
+
+class WebDatasetSource(_TarSamples):
+    """Caption pairs from webdataset-style tar shards, all indexed at start (headers only): random access.
+
+    For evaluation sets and moderate sizes (indexing reads every member header: a few thousand samples
+    per second); training streams shards instead (`WebDatasetShards`). A `.json` caption is read from its
+    first key among `caption_keys`. Skipped members are counted in `index_bad`.
+    Index arrays: `shard` int32[N], `samples` int64[N, 5] (image offset, size, text offset, size, is_json).
     """
 
     def __init__(self, pattern: str, name: str = "", caption_keys=CAPTION_KEYS):
@@ -96,49 +159,16 @@ class WebDatasetSource(_Source):
         self.caption_keys = tuple(caption_keys)
         self.shards = resolve_files(pattern, self.name)
         self._init_bad()
-        rows = []
+        shard, table = [], []
         for shard_index, path in enumerate(self.shards):
-            rows.extend((shard_index, *sample) for sample in self._index_shard(path))
-        table = np.array(rows, np.int64).reshape(-1, 6)
-        self.shard = table[:, 0].astype(np.int32)
-        self.image = table[:, 1:3]
-        self.text = table[:, 3:5]
-        self.is_json = table[:, 5].astype(bool)
+            found, skipped = index_shard(path)
+            for reason, where, detail in skipped:
+                self._skip(reason, where, detail)
+            shard += [shard_index] * len(found)
+            table += found
+        self.shard = np.asarray(shard, np.int32)
+        self.samples = np.asarray(table, np.int64).reshape(-1, 5)
         self._files = _Files()
-
-    def _index_shard(self, path: str):
-        samples = {}  # key -> {"image": (offset, size), "text": (offset, size, is_json)}, in first-seen order
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    if member.isdir():
-                        continue
-                    unsafe = _unsafe_member(member)
-                    if unsafe:
-                        self._skip("unsafe_tar_member", f"{path}:{member.name}", unsafe)
-                        continue
-                    if not member.isfile():
-                        continue
-                    directory, base = os.path.split(member.name)
-                    if "." not in base:
-                        continue
-                    stem, extension = base.split(".", 1)
-                    key = os.path.join(directory, stem)
-                    kind = extension.lower().rsplit(".", 1)[-1]
-                    entry = samples.setdefault(key, {})
-                    if kind in IMAGE_EXTENSIONS and "image" not in entry:
-                        entry["image"] = (member.offset_data, member.size)
-                    elif kind in CAPTION_EXTENSIONS and "text" not in entry:
-                        entry["text"] = (member.offset_data, member.size, int(kind == "json"))
-        except (tarfile.TarError, OSError, EOFError) as e:
-            # A truncated or corrupt shard keeps the samples read before the damage.
-            self._skip("bad_shard", path, str(e))
-        for key, entry in samples.items():
-            if "image" not in entry or "text" not in entry:
-                missing = "image" if "image" not in entry else "caption"
-                self._skip("incomplete_sample", f"{path}:{key}", f"no {missing}")
-                continue
-            yield (*entry["image"], *entry["text"])
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -146,19 +176,34 @@ class WebDatasetSource(_Source):
     def __getitem__(self, index: int):
         index = int(index)
         path = self.shards[self.shard[index]]
-        where = f"{path}#{index}"
-        text = self._files.read(path, *map(int, self.text[index]))
-        try:
-            caption = text.decode("utf-8")
-            if self.is_json[index]:
-                data = json.loads(caption)
-                caption = next((data[k] for k in self.caption_keys if isinstance(data.get(k), str)), None)
-                if caption is None:
-                    return Bad("bad_record", self.name, where, f"json caption has none of {self.caption_keys}")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-            return Bad("bad_json", self.name, where, str(e))
-        image = self._files.read(path, *map(int, self.image[index]))
-        return records.caption_example(self.name, where, [image], caption.strip())
+        return self._read_sample(path, self.samples[index], f"{path}#{index}")
+
+
+class WebDatasetShards(_TarSamples):
+    """Streaming webdataset reader for training: shards are the unit of shuffling and sharding.
+
+    Only the shard list is resolved at start. `shard_samples(path)` indexes one shard when the stream
+    reaches it (yielding its samples' references and a `Bad` per skipped member, so that they are
+    counted with the other bad records) and `read(ref)` reads one sample. See `aki_jax.data.pipeline`.
+    """
+
+    def __init__(self, pattern: str, name: str = "", caption_keys=CAPTION_KEYS):
+        self.name = name or f"webdataset:{pattern}"
+        self.caption_keys = tuple(caption_keys)
+        self.shards = resolve_files(pattern, self.name)
+        self._init_bad()
+        self._files = _Files()
+
+    def shard_samples(self, path: str) -> list:
+        found, skipped = index_shard(path)
+        bad = [Bad(reason, self.name, where, detail) for reason, where, detail in skipped]
+        return [(path, i, *sample) for i, sample in enumerate(found)] + bad
+
+    def read(self, ref):
+        if isinstance(ref, Bad):
+            return ref
+        path, index, *sample = ref
+        return self._read_sample(path, sample, f"{path}#{index}")
 
 
 class _JsonRecords(_Source):
