@@ -8,6 +8,7 @@ perception and cognition categories) and a VQA JSONL (ten references per digit i
 log-likelihood summed by hand in numpy, greedy decoding by re-running the full forward per token.
 """
 
+import functools
 import json
 
 import jax
@@ -21,7 +22,7 @@ from aki_jax import AKI, TEXT, init_params, tiny
 from aki_jax.evaluation import job, prompts, runner
 from aki_jax.evaluation.readers import encode_image, read_benchmark, write_benchmark
 from aki_jax.evaluation.scoring import EvaluationScorer, ModelRunner
-from aki_jax.processing import SYSTEM_MESSAGE, Processor, train_tokenizer
+from aki_jax.processing import SYSTEM_MESSAGE, Processor, preprocess_images, train_tokenizer
 from aki_jax.sharding import MeshConfig, logical_rules, make_mesh, param_shardings
 
 MAX_NEW_TOKENS = 3
@@ -45,21 +46,75 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def model_and_params(tokenizer):
-    config = tiny(initial_tokenizer_len=tokenizer.initial_tokenizer_len)
-    params = init_params(config, jax.random.key(0))
-    # Random weights rarely emit answer-like tokens; favour a few so generation gives parseable,
-    # input-dependent answers (the comparison itself does not depend on this).
-    vocab = tokenizer.backend.get_vocab()
-    favoured = [i for t, i in vocab.items() if t in ("A", "B", "C", "D", "No", "no", "3", "<|end|>")]
-    bias = params["decoder"]["lm_head_bias"]
-    params["decoder"]["lm_head_bias"] = bias.at[jnp.asarray(favoured)].add(4.0)
-    return AKI(config), params
+def model(tokenizer):
+    return AKI(tiny(initial_tokenizer_len=tokenizer.initial_tokenizer_len))
 
 
 @pytest.fixture(scope="module")
-def processor(tokenizer, model_and_params):
-    return Processor.from_config(model_and_params[0].config, tokenizer)
+def processor(tokenizer, model):
+    return Processor.from_config(model.config, tokenizer)
+
+
+def forward_alone(model, params, example):
+    """Logits f32[n, V] of one unpadded example, run alone (right-padded to one fixed length)."""
+    n = len(example["input_ids"])
+    ids = np.zeros((1, DIRECT_LENGTH), np.int32)
+    modality = np.zeros((1, DIRECT_LENGTH), np.int32)
+    ids[0, :n], modality[0, :n] = example["input_ids"], example["modality_ids"]
+    logits = _forward_jit(params, example["pixel_values"][None], ids, modality, model=model)
+    return np.asarray(logits)[0, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _forward_jit(params, pixel_values, input_ids, modality_ids, *, model):
+    return model.apply({"params": params}, pixel_values, input_ids, modality_ids)
+
+
+@pytest.fixture(scope="module")
+def model_and_params(model, tokenizer, processor, benchmarks):
+    """Random weights, with the head re-aimed so that generation answers vary with the input.
+
+    A random tiny model's last hidden state barely depends on the image or question, so greedy
+    decoding would print the same tokens for every item and a row mix-up would go unnoticed. The
+    head's columns of a few answer-like tokens are pointed along the directions in which the
+    prompts' last hidden states differ most, centred and scaled: their logits lead, and which one
+    leads depends on the item.
+    """
+    params = init_params(model.config, jax.random.key(0))
+    width = model.config.decoder.hidden_size
+    decoder = params["decoder"]
+    # Probe: with an identity head the first `width` logits are the final hidden state itself.
+    probe = jax.tree.map(lambda x: x, params)
+    probe["decoder"] = dict(decoder)
+    probe["decoder"]["lm_head_kernel"] = jnp.zeros_like(decoder["lm_head_kernel"]).at[:, :width].set(jnp.eye(width))
+    probe["decoder"]["lm_head_bias"] = jnp.zeros_like(decoder["lm_head_bias"])
+    groups = []
+    for bench in benchmarks:
+        states = []
+        for item in bench.items:
+            pixels = preprocess_images([item.image.load()], processor.image_size)
+            user = {"role": "user", "content": prompts.user_prompt(item)}
+            example = processor.prompt_example([user], pixel_values=pixels)
+            states.append(forward_alone(model, probe, example)[-1, :width])
+        groups.append(np.stack(states))
+    # Directions of variation within a benchmark, with the differences between benchmarks (their
+    # instructions differ) projected out, so that every benchmark gets varied answers.
+    centre = np.concatenate(groups).mean(0)
+    between, _ = np.linalg.qr(np.stack([g.mean(0) - centre for g in groups]).T)
+    within = np.concatenate([g - g.mean(0) for g in groups])
+    within -= within @ between @ between.T
+    _, _, directions = np.linalg.svd(within, full_matrices=False)
+    states = np.concatenate(groups)
+    vocab = tokenizer.backend.get_vocab()
+    favoured = [vocab[t] for t in ("A", "B", "C", "D", "No", "3", "<|end|>") if t in vocab]
+    rng = np.random.default_rng(0)
+    aims = rng.normal(size=(len(favoured), 3)) @ directions[:3]  # mixes of the 3 leading directions
+    aims /= np.linalg.norm(aims, axis=1, keepdims=True)
+    scale = 4.0 / (within @ aims.T).std()
+    kernel = decoder["lm_head_kernel"].at[:, jnp.asarray(favoured)].set(jnp.asarray(scale * aims.T, jnp.float32))
+    bias = decoder["lm_head_bias"].at[jnp.asarray(favoured)].set(jnp.asarray(20.0 - scale * aims @ centre, jnp.float32))
+    params["decoder"] = dict(decoder, lm_head_kernel=kernel, lm_head_bias=bias)
+    return model, params
 
 
 @pytest.fixture(scope="module")
@@ -128,21 +183,7 @@ def benchmarks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def direct_logits(model_and_params):
     model, params = model_and_params
-
-    @jax.jit
-    def forward(pixel_values, input_ids, modality_ids):
-        return model.apply({"params": params}, pixel_values, input_ids, modality_ids)
-
-    def run(example):
-        """Logits f32[n, V] of one unpadded example, run alone (right-padded to one fixed length)."""
-        n = len(example["input_ids"])
-        ids = np.zeros((1, DIRECT_LENGTH), np.int32)
-        modality = np.zeros((1, DIRECT_LENGTH), np.int32)
-        ids[0, :n], modality[0, :n] = example["input_ids"], example["modality_ids"]
-        pixels = example["pixel_values"][None]
-        return np.asarray(forward(pixels, ids, modality))[0, :n]
-
-    return run
+    return lambda example: forward_alone(model, params, example)
 
 
 def _log_softmax(x):
@@ -153,7 +194,6 @@ def _log_softmax(x):
 def direct_predictions(bench, processor, direct_logits, mode):
     """index -> prediction and its evidence, computed item by item without the evaluation package's runner."""
     from aki_jax.evaluation.answers import extract_choice, extract_short_answer, extract_yes_no
-    from aki_jax.processing import preprocess_images
 
     tok = processor.tokenizer
     out = {}
