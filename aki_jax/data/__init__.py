@@ -28,9 +28,13 @@ API (numpy batches in the contract's format; see each module for details):
         ...                    # one ordered pass, one example per row, same batch count on every process
 
 Source kinds (SourceConfig.kind): "digits" (built in, split "train" | "heldout"), "webdataset" (tar
-shards of `{key}.jpg|png|webp` + `{key}.txt|json`, brace/glob patterns), "llava" (LLaVA JSON/JSONL with
-`conversations` + image root), "vqa" (JSONL of image/question/answer[/choices]), "tfds" (prepared
-array_record dataset, feature keys mapped). Bad data (missing or corrupt image, unreadable JSON line,
+shards of `{key}.jpg|png|webp` + `{key}.txt|json`, brace/glob patterns; streamed shard by shard in
+training, each process and worker reading whole shards; indexed for random access in evaluation),
+"llava" (LLaVA JSON/JSONL with `conversations` + image root), "vqa" (JSONL of image/question/answer
+[/choices], templates "plain" | "short_answer" | "multiple_choice"), "tfds" (prepared array_record
+dataset read without TensorFlow, feature keys mapped). Sources are mixed by weight (deterministic
+proportions); random-access sources are split per process by record (p, p+P, ...) and reshuffled
+each epoch. Bad data (missing or corrupt image, unreadable JSON line,
 too long for seq_len, unsafe tar member, ...) is skipped and counted; past `max_bad_fraction` the
 run fails with BadDataError. Configuration mistakes (no file matches, unknown kind) fail at start.
 
@@ -51,7 +55,7 @@ from aki_jax.data.pipeline import (
     make_train_iterator,
 )
 from aki_jax.data.records import Bad
-from aki_jax.data.sources import LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
+from aki_jax.data.sources import LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetShards, WebDatasetSource
 
 __all__ = [
     "Bad",
@@ -66,6 +70,7 @@ __all__ = [
     "SourceConfig",
     "TfdsSource",
     "VqaJsonlSource",
+    "WebDatasetShards",
     "WebDatasetSource",
     "build_source",
     "digits_texts",
