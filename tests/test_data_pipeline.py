@@ -19,6 +19,7 @@ from aki_jax.data import (
     make_eval_iterator,
     make_train_iterator,
 )
+from aki_jax.data.shuffle import WindowShuffleIterDataset
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
 from aki_jax.mask import attention_mask as _attention_mask
 from aki_jax.processing import Processor, preprocess_image
@@ -207,6 +208,21 @@ def test_packer_state_restores_mid_window():
         assert len(rest) == len(rows) - k
         for want, got in zip(rows[k:], rest, strict=True):
             np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+def test_window_shuffle_permutes_each_window_and_resumes_exactly():
+    stream = grain.MapDataset.range(23).to_iter_dataset()
+    shuffled = WindowShuffleIterDataset(stream, window=5, seed=7)
+    order = list(shuffled)
+    assert order != list(range(23))
+    for w in range(5):  # each window is a permutation of its own elements
+        assert sorted(order[5 * w : 5 * w + 5]) == list(range(5 * w, min(5 * w + 5, 23)))
+    for k in (0, 3, 5, 12, 23):
+        it = iter(shuffled)
+        take(it, k)
+        again = iter(shuffled)
+        again.set_state(json.loads(json.dumps(it.get_state())))
+        assert list(again) == order[k:]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

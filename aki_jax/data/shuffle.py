@@ -63,8 +63,8 @@ class _WindowShuffleIterator(grain.DatasetIterator):
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._index = state["window_index"] - 1
         self._window, self._position = [], 0
+        self._index = state["window_index"] - 1 if state["window_index"] >= 0 else -1
         if state["window_index"] >= 0:
-            self._fill()
+            self._fill()  # the window in progress, drawn again
             self._position = state["position"]
