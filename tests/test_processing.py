@@ -144,6 +144,15 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out[2, 10, 0] > 0.8 and out[17, 10, 0] < -0.8
 
 
+def test_encoded_bytes_and_arrays_are_accepted(tmp_path):
+    image = random_image(3)
+    path = tmp_path / "x.png"
+    image.save(path)
+    expected = preprocess_image(image, 12)
+    np.testing.assert_array_equal(preprocess_image(path.read_bytes(), 12), expected)
+    np.testing.assert_array_equal(preprocess_image(np.asarray(image), 12), expected)
+
+
 def test_unreadable_image_path_names_the_file(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")

@@ -15,24 +15,30 @@ RGBA keeps the original's behaviour: PIL resizes it with premultiplied alpha, th
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
 
-ImageLike = Image.Image | str | os.PathLike | np.ndarray
+ImageLike = Image.Image | str | os.PathLike | bytes | np.ndarray
 
 
 def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image, a path, or a uint8/float array (H, W[, C]); EXIF orientation applied."""
-    if isinstance(image, (str, os.PathLike)):
+    """A PIL image from a PIL image, a path, encoded bytes, or a uint8/uint16/float array (H, W[, C]).
+
+    EXIF orientation is applied.
+    """
+    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
+        name = "image bytes" if source is not image else image
         try:
-            with Image.open(image) as opened:
+            with Image.open(source) as opened:
                 opened.load()
                 image = ImageOps.exif_transpose(opened)  # a transposed copy, or a plain copy
         except (OSError, ValueError) as e:
-            raise ValueError(f"{image}: not a readable image ({e})") from e
+            raise ValueError(f"{name}: not a readable image ({e})") from e
         return image
     if isinstance(image, np.ndarray):
         return Image.fromarray(_array_to_uint8(image))
