@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from aki_jax.config import aki_4b  # noqa: E402
 from aki_jax.convert.hf_config import phi3_config_dict, siglip_config_dict  # noqa: E402
-from aki_jax.convert.mapping import as_dtype, expected_torch_shapes  # noqa: E402
+from aki_jax.convert.mapping import TABLE, as_dtype, expected_torch_shapes, leaf_shape, num_layers  # noqa: E402
 from aki_jax.convert.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
 
 
@@ -97,6 +97,15 @@ def write_released(folder: Path, config, dtype) -> int:
     return nbytes
 
 
+def largest_leaf_bytes(config, dtype) -> int:
+    """The biggest aki-jax leaf (per-layer tensors stacked): the floor for the converter's memory."""
+    sizes = [
+        int(np.prod(leaf_shape(config, e))) * (num_layers(config, e.layers) or 1) * np.dtype(dtype).itemsize
+        for e in TABLE
+    ]
+    return max(sizes)
+
+
 def plain_copy(src: Path, dst: Path) -> float:
     start = time.perf_counter()
     with open(src, "rb") as fin, open(dst, "wb") as fout:
@@ -157,8 +166,7 @@ def main() -> None:
             "convert_peak_rss_bytes": convert_rss,
             "rss_ratio_to_checkpoint": round(convert_rss / ckpt_bytes, 3),
             "bytes_written": written,
-            "largest_leaf_bytes": max(int(np.prod(s)) for s in expected_torch_shapes(config).values())
-            * as_dtype(args.dtype).itemsize,
+            "largest_leaf_bytes": largest_leaf_bytes(config, as_dtype(args.dtype)),
         }
         if args.export:
             tool = str(ROOT / "tools" / "export_to_pytorch.py")
@@ -179,11 +187,12 @@ def main() -> None:
 
     gb = lambda x: f"{x / 1e9:.2f} GB"
     print(f"{'checkpoint':<28}{gb(result['checkpoint_bytes'])} ({args.dtype}, scale {args.scale})")
-    print(f"{'plain copy (read+write+fsync)':<28}{result['plain_copy_s']:.1f} s")
+    print(f"{'plain copy (read+write+fsync)':<30}{result['plain_copy_s']:.1f} s")
     print(f"{'convert (child process)':<28}{result['convert_s']:.1f} s  = {result['time_ratio_to_copy']:.2f}x copy")
     rss, ratio = gb(result["convert_peak_rss_bytes"]), result["rss_ratio_to_checkpoint"]
     print(f"{'convert peak RSS':<28}{rss}  = {ratio:.2f}x checkpoint")
     print(f"{'bytes written (Orbax dir)':<28}{gb(result['bytes_written'])}")
+    print(f"{'largest leaf':<28}{gb(result['largest_leaf_bytes'])}")
     if "export_s" in result:
         print(
             f"{'export (child process)':<28}{result['export_s']:.1f} s, peak RSS {gb(result['export_peak_rss_bytes'])}"

@@ -7,6 +7,11 @@ Accepted sources:
   - a training checkpoint `.pt` / `.pth` / `.bin` written by `torch.save`, either a plain state dict or
     `{"model_state_dict": {...}}`, keys possibly prefixed `module.` (stripped by the mapping).
 Pickles are loaded with `torch.load(weights_only=True)` only; one that needs arbitrary code is refused.
+
+Memory: safetensors are read with positioned reads, one tensor at a time, so the converter's resident
+memory stays about one aki-jax leaf. Training `.pt` files are memory-mapped by torch (`mmap=True`):
+pages already read stay mapped until the conversion ends and show up as resident memory, although
+they are file-backed and reclaimable by the kernel.
 """
 
 from __future__ import annotations

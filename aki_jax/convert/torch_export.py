@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ from aki_jax.convert.mapping import (
 )
 from aki_jax.convert.safetensors_io import write_safetensors
 from aki_jax.convert.sources import open_checkpoint
-from aki_jax.convert.torch_import import ORIGINAL_CONFIG_FILE, _replace_dir
+from aki_jax.convert.torch_import import ORIGINAL_CONFIG_FILE, _replace_dir, make_temp_dir
 
 
 @dataclasses.dataclass
@@ -107,7 +106,7 @@ def export_orbax_to_pytorch(
             yield key, head[key]
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.exporting-", dir=dst.parent))
+    tmp = make_temp_dir(dst, "exporting")
     try:
         written = write_safetensors(tmp / "model.safetensors", specs, tensors(), metadata={"format": "pt"})
         recorded = {}

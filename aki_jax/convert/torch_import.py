@@ -86,7 +86,7 @@ def convert_pytorch_to_orbax(
         log(f"skipped {len(keys.skipped)} tensors with no aki-jax parameter (SigLIP pooling head): {keys.skipped}")
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    tmp = make_temp_dir(dst, "converting")
     try:
         config.to_json(tmp / CONFIG_FILE)
         if original_args:
@@ -111,6 +111,15 @@ def convert_pytorch_to_orbax(
         raise
     log(f"wrote {dst}: {len(TABLE)} parameters, {written / 1e9:.3f} GB in {report.seconds:.1f} s")
     return report
+
+
+def make_temp_dir(dst: Path, what: str) -> Path:
+    """An empty folder beside `dst` (same filesystem, so the final rename is atomic), with normal permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{what}-", dir=dst.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700
+    return tmp
 
 
 def _replace_dir(tmp: Path, dst: Path) -> None:
