@@ -111,8 +111,10 @@ def test_mapping_table_covers_every_parameter_and_original_key_once(state_dict):
     shapes, _ = abstract_params(CONFIG)
     paths = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_leaves_with_path(shapes)}
     assert sorted(e.path for e in TABLE) == sorted(paths)
-    exported = params_to_torch(torch_to_params({k: v.numpy() for k, v in state_dict.items()}, CONFIG), CONFIG)
+    params = torch_to_params(state_dict, CONFIG)  # torch tensors are accepted as well as numpy arrays
+    exported = params_to_torch(params, CONFIG)
     assert set(exported) == {k for k in state_dict if not k.startswith(HEAD)}
+    assert all(np.array_equal(exported[k], state_dict[k].numpy()) for k in exported)
 
 
 def test_logits_match_pytorch_forward_with_the_original_mma_mask(reference, converted):

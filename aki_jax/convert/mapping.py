@@ -352,7 +352,7 @@ def iter_params(
         for i, key in enumerate(keys):
             if key not in state_dict:
                 raise ConversionError(f"missing key {key!r} (for aki-jax parameter {'/'.join(entry.path)})")
-            x = state_dict[key]
+            x = _as_numpy(state_dict[key])
             _check_tensor(key, x, torch_shape, None if leaf is None or cast is not None else dtype_of_leaf)
             if cast is not None and x.dtype != cast:
                 x = x.astype(cast)
@@ -363,6 +363,17 @@ def iter_params(
             entry.transform.write_jax(x.view(_bits(x.dtype)), target)
             del x, target
         yield entry.path, leaf.view(dtype_of_leaf)
+
+
+def _as_numpy(x) -> np.ndarray:
+    """numpy arrays pass through; torch tensors (e.g. a module's state_dict()) are viewed as numpy."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        from aki_jax.convert.sources import torch_to_numpy
+
+        return torch_to_numpy(x)
+    return np.asarray(x)
 
 
 def _bits(dtype) -> np.dtype:
@@ -394,7 +405,7 @@ def iter_torch(params, config: AKIConfig) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def torch_to_params(state_dict: Mapping[str, np.ndarray], config: AKIConfig, dtype=None, strict: bool = True) -> dict:
-    """Original state dict (numpy arrays; `module.` prefixes allowed) -> aki-jax param tree of numpy arrays.
+    """Original state dict (numpy arrays or torch tensors; `module.` prefixes allowed) -> aki-jax params (numpy).
 
     With `strict`, missing or unexpected keys raise `ConversionError` listing them; the SigLIP pooling
     head (`vision_encoder.head.*`) is always skipped.
