@@ -13,6 +13,9 @@ no shape arithmetic of its own:
              o_proj (N, H, D) with k=2, resampler to_kv (E, 2, 8, 64) [k; v].
   Conv       an OIHW convolution kernel <-> HWIO.
 
+`to_jax` / `to_torch` define each transform; the streaming paths use `write_jax` / `torch_array`, which
+move raw bits (bit-exact in any dtype) and transpose large matrices tile by tile.
+
 `torch_to_params` / `params_to_torch` convert whole in-memory dicts; `iter_params` / `iter_torch`
 yield one leaf (or one tensor) at a time so converters can stream.
 """
