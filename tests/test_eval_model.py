@@ -72,17 +72,29 @@ def _forward_jit(params, pixel_values, input_ids, modality_ids, *, model):
 
 @pytest.fixture(scope="module")
 def model_and_params(model, tokenizer, processor, benchmarks):
-    """Random weights, with the head re-aimed so that generation answers vary with the input.
+    """Random weights, with the head re-aimed so that generated answers vary with the input and end.
 
     A random tiny model's last hidden state barely depends on the image or question, so greedy
-    decoding would print the same tokens for every item and a row mix-up would go unnoticed. The
-    head's columns of a few answer-like tokens are pointed along the directions in which the
-    prompts' last hidden states differ most, centred and scaled: their logits lead, and which one
-    leads depends on the item.
+    decoding would print the same tokens for every item and a row mix-up would go unnoticed. So:
+    1. the answer-like tokens get a large embedding component along one direction `u`, and the head
+       writes `<|end|>` where the final hidden state points along `u`: an answer token is followed
+       by the end of the turn ("B", "No", "3");
+    2. the head's columns of those tokens are pointed along the directions in which the prompts'
+       last hidden states differ most within a benchmark, centred and scaled: they lead the first
+       step, and which one leads depends on the item.
     """
     params = init_params(model.config, jax.random.key(0))
     width = model.config.decoder.hidden_size
-    decoder = params["decoder"]
+    vocab = tokenizer.backend.get_vocab()
+    favoured = jnp.asarray([vocab[t] for t in ("A", "B", "C", "D", "No", "3") if t in vocab])
+    end = tokenizer.end_token_id
+    u = np.random.default_rng(1).normal(size=width)
+    u /= np.linalg.norm(u)
+    decoder = dict(params["decoder"])
+    decoder["embed_tokens"] = decoder["embed_tokens"].at[favoured].add(jnp.asarray(100.0 * u, jnp.float32))
+    decoder["lm_head_kernel"] = decoder["lm_head_kernel"].at[:, end].set(jnp.asarray(10.0 * u, jnp.float32))
+    decoder["lm_head_bias"] = decoder["lm_head_bias"].at[end].set(-30.0)
+    params["decoder"] = decoder
     # Probe: with an identity head the first `width` logits are the final hidden state itself.
     probe = jax.tree.map(lambda x: x, params)
     probe["decoder"] = dict(decoder)
@@ -102,17 +114,17 @@ def model_and_params(model, tokenizer, processor, benchmarks):
     centre = np.concatenate(groups).mean(0)
     between, _ = np.linalg.qr(np.stack([g.mean(0) - centre for g in groups]).T)
     within = np.concatenate([g - g.mean(0) for g in groups])
+    # ...and the end direction `u` and the mean state, so that after an answer token (where the
+    # state is about `u`) these columns stay near their base logit and `<|end|>` wins.
+    between, _ = np.linalg.qr(np.concatenate([between, u[:, None], centre[:, None]], axis=1))
     within -= within @ between @ between.T
     _, _, directions = np.linalg.svd(within, full_matrices=False)
-    states = np.concatenate(groups)
-    vocab = tokenizer.backend.get_vocab()
-    favoured = [vocab[t] for t in ("A", "B", "C", "D", "No", "3", "<|end|>") if t in vocab]
     rng = np.random.default_rng(0)
     aims = rng.normal(size=(len(favoured), 3)) @ directions[:3]  # mixes of the 3 leading directions
     aims /= np.linalg.norm(aims, axis=1, keepdims=True)
     scale = 4.0 / (within @ aims.T).std()
-    kernel = decoder["lm_head_kernel"].at[:, jnp.asarray(favoured)].set(jnp.asarray(scale * aims.T, jnp.float32))
-    bias = decoder["lm_head_bias"].at[jnp.asarray(favoured)].set(jnp.asarray(20.0 - scale * aims @ centre, jnp.float32))
+    kernel = decoder["lm_head_kernel"].at[:, favoured].set(jnp.asarray(scale * aims.T, jnp.float32))
+    bias = decoder["lm_head_bias"].at[favoured].set(jnp.asarray(20.0 - scale * aims @ centre, jnp.float32))
     params["decoder"] = dict(decoder, lm_head_kernel=kernel, lm_head_bias=bias)
     return model, params
 
