@@ -28,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--init-from", default=None, help="pretrained folder (aki_jax.load_pretrained) to start from")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted paths)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from aki_jax.training.config import apply_overrides, load_config_file

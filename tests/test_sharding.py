@@ -86,3 +86,21 @@ def test_batches_are_split_over_data_and_fsdp():
     assert batch["input_ids"].shape == (8, 5)
     assert {s.data.shape for s in batch["input_ids"].addressable_shards} == {(2, 5)}
     np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])
+
+
+def test_the_aki4b_recipe_shards_its_big_matrices_on_a_gpu8_mesh():
+    """configs/mesh_gpu8.py's layout (fsdp 4 x tensor 2, here on the 8 fake devices), without allocating."""
+    config = aki_jax.aki_4b()
+    mesh_config = S.MeshConfig(data=1, fsdp=4, tensor=2)
+    mesh = S.make_mesh(mesh_config)
+    shapes, shardings = S.param_shardings(config, mesh, S.logical_rules(mesh_config))
+    qkv = shardings["decoder"]["layers"]["qkv_kernel"]
+    assert qkv.shard_shape(shapes["decoder"]["layers"]["qkv_kernel"].shape) == (32, 3072 // 4, 3, 32 // 2, 96)
+    embed = shardings["decoder"]["embed_tokens"]
+    assert embed.shard_shape(shapes["decoder"]["embed_tokens"].shape) == (32064 // 2, 3072 // 4)
+    per_device = sum(
+        np.prod(s.shard_shape(x.shape))
+        for s, x in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes), strict=True)
+    )
+    total = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
+    assert per_device < total / 7  # nearly everything is split 8 ways

@@ -26,8 +26,9 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, every_steps: int, keep: int, keep_best: bool, async_save: bool):
         self.directory = Path(directory).absolute() / "checkpoints"
+        self.every_steps = every_steps
+        # The save interval is decided here (`maybe_save`), not by Orbax's policy (which also saves the first step).
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=max(every_steps, 1) if every_steps > 0 else 10**12,
             max_to_keep=keep,
             best_fn=(lambda metrics: metrics["eval_accuracy"]) if keep_best else None,
             best_mode="max",
@@ -42,10 +43,11 @@ class Checkpointer:
 
     def maybe_save(self, step: int, state, data_state, metrics=None, force: bool = False) -> bool:
         """Save if `step` is on the interval (or `force`); returns whether a save started."""
-        if step in self.manager.all_steps():
+        on_interval = self.every_steps > 0 and step % self.every_steps == 0
+        if not (force or on_interval) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(encode(data_state)))
-        saved = self.manager.save(step, args=args, metrics=metrics, force=force)
+        saved = self.manager.save(step, args=args, metrics=metrics, force=True)
         if saved:
             log.info("checkpoint %d: saving to %s", step, self.directory)
         return saved

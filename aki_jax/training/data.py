@@ -1,7 +1,8 @@
 """What training reads, built from a `TrainConfig`: a resumable batch iterator and a held-out pass.
 
 The pipelines live in `aki_jax.data`; this module only wires them to the loop: it picks the tokenizer
-(the built-in digits tokenizer for digits-only data, else `TrainConfig.tokenizer`), fits the model's
+(`TrainConfig.tokenizer`, else the `--init-from` folder's, else for digits-only data the built-in
+digits tokenizer), fits the model's
 vocabulary fields to it, and builds `make_train_iterator` / `make_eval_iterator`. With
 `synthetic_data=true` it yields deterministic random batches with example ids instead (tests, benchmarks).
 """
@@ -44,13 +45,16 @@ def pipeline_data(config) -> DataBundle:
 
     d = config.data
     out_dir = Path(config.checkpoint.dir)
-    if config.tokenizer:
-        tokenizer, tokenizer_dir = load_tokenizer(config.tokenizer), config.tokenizer
+    tokenizer_dir = config.tokenizer or config.init_from  # a pretrained folder carries its tokenizer
+    if tokenizer_dir:
+        tokenizer = load_tokenizer(tokenizer_dir)
     elif all(s.kind == "digits" for s in d.sources + d.eval_sources):
         tokenizer_dir = str(out_dir / "tokenizer")
         tokenizer = digits_tokenizer(tokenizer_dir)
     else:
-        raise ValueError("tokenizer: this data needs a tokenizer folder (tokenizer=/path/to/checkpoint)")
+        raise ValueError(
+            "this data needs a tokenizer: pass tokenizer=/path/to/folder (or --init-from a pretrained folder)"
+        )
     model_config = fit_vocabulary(config.model, tokenizer)
     processor = Processor.from_config(model_config, tokenizer)
     train = make_train_iterator(d, processor, model_config)
