@@ -46,19 +46,22 @@ def main(argv=None) -> str:
     def show(piece: str) -> None:
         print(piece, end="", flush=True)
 
-    answer = generate_text(
-        model,
-        params,
-        tokenizer,
-        args.prompt,
-        args.image,
-        max_new_tokens=args.max_new_tokens,
-        on_text=None if args.no_stream else show,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    )
+    try:
+        answer = generate_text(
+            model,
+            params,
+            tokenizer,
+            args.prompt,
+            args.image,
+            max_new_tokens=args.max_new_tokens,
+            on_text=None if args.no_stream else show,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as e:  # unreadable image, placeholder/image mismatch: say what is wrong, no traceback
+        sys.exit(f"error: {e}")
     print(answer if args.no_stream else "", flush=True)
     if args.timing:
         done = time.perf_counter()

@@ -104,9 +104,10 @@ class Processor:
         is_image = ids == image_id
         n_placeholders = int(is_image.sum())
         if n_placeholders != len(pixel_values):
+            content = " | ".join(s.text for s in segments if s.role != "template") or text
             raise ValueError(
-                f"the text has {n_placeholders} <image> placeholder(s) but {len(pixel_values)} image(s) were given: "
-                f"{text[:200]!r}"
+                f"the text has {n_placeholders} <image> placeholder(s) but {len(pixel_values)} image(s) were given "
+                f"(one <image> per image, in order): {content[:300]!r}"
             )
         has_roles = any(s.role != "template" for s in segments)
         modality = np.full(len(ids), TEXT, np.int32)
