@@ -305,6 +305,12 @@ def test_scores_equal_a_direct_single_device_computation(
 
         direct = [item_score(it.task, it.answers, expected[it.index]["prediction"]) for it in bench.items]
         assert results[bench.name]["scores"]["accuracy"] == pytest.approx(np.mean(direct))
+    # The comparison has teeth only if answers differ between items and some parse.
+    for bench in benchmarks:
+        answers = {json.dumps(r.get("output", r.get("log_likelihoods"))) for r in _records(folder, bench)}
+        assert len(answers) >= 2, bench.name
+    everything = [r for bench in benchmarks for r in _records(folder, bench)]
+    assert sum(r["prediction"] is not None and r["task"] != "vqa" for r in everything) >= 4
     assert {"pope", "per_category"} <= set(results["pope"]["scores"])
     assert {"perception", "cognition"} <= set(results["MME"]["scores"]["mme"])
     assert (folder / "results.md").read_text().startswith("| benchmark |")
