@@ -48,26 +48,46 @@ from aki_jax.mask import PAD, TEXT
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
-def sample_logits(logits, key, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None):
+def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
     """Next token ids int32[B] from logits f32[B, V]: argmax when temperature is 0, else sampled.
 
-    top_k keeps the k highest logits; top_p keeps the smallest set of highest-probability tokens
-    whose mass reaches p (always at least the top token). Both apply after the temperature.
+    temperature divides the logits; top_k (0: off) keeps the k highest; top_p (1: off) then keeps the
+    smallest set of highest-probability tokens of what is left whose mass reaches p (always at least
+    the top token), as transformers orders them. All three may be traced values, so changing them
+    does not recompile; the sampling branch runs only when temperature > 0.
     """
-    if temperature == 0.0:
+    logits = logits.astype(jnp.float32)
+
+    def greedy(_):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None and top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        kept = jnp.where(mass_before < top_p, ordered, jnp.inf)  # the top token always has mass_before 0
-        threshold = jnp.min(kept, axis=-1, keepdims=True)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        vocab = scaled.shape[-1]
+        ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
+        k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+        in_top_k = jnp.arange(vocab) < k
+        kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, ordered.shape[:-1])[..., None], axis=-1)
+        probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs  # the top token always has mass_before 0
+        nucleus = jnp.min(jnp.where(in_top_k & (mass_before < top_p), ordered, jnp.inf), axis=-1, keepdims=True)
+        threshold = jnp.maximum(kth, nucleus)
+        return jax.random.categorical(key, jnp.where(scaled < threshold, -jnp.inf, scaled), axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(jnp.asarray(temperature) > 0, sampled, greedy, None)
+
+
+def _sampling_args(temperature, top_k, top_p, eos_ids, pad_id) -> dict:
+    """Traced sampling settings; eos ids padded with -1 to a multiple of 8 so their count rarely recompiles."""
+    eos = [int(i) for i in eos_ids]
+    width = max(8, -(-len(eos) // 8) * 8)
+    return {
+        "temperature": jnp.float32(temperature),
+        "top_k": jnp.int32(0 if top_k is None else top_k),
+        "top_p": jnp.float32(1.0 if top_p is None else top_p),
+        "eos_ids": jnp.asarray(eos + [-1] * (width - len(eos)), jnp.int32),
+        "pad_id": jnp.int32(pad_id),
+    }
 
 
 # --- the two model calls --------------------------------------------------------------------------------------
@@ -108,29 +128,13 @@ def _decode_step(model, params, cache, token, step, real, lengths):
 
 
 # --- array-level generation -------------------------------------------------------------------------------------
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "max_new_tokens", "eos_ids", "temperature", "top_k", "top_p", "pad_id", "cache_dtype"),
-)
-def _generate(
-    params,
-    pixel_values,
-    input_ids,
-    modality_ids,
-    key,
-    *,
-    model,
-    max_new_tokens,
-    eos_ids,
-    temperature,
-    top_k,
-    top_p,
-    pad_id,
-    cache_dtype,
-):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_dtype"))
+def _generate(params, pixel_values, input_ids, modality_ids, key, sampling, *, model, max_new_tokens, cache_dtype):
     batch, prompt = input_ids.shape
-    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    stops = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+    sample = functools.partial(
+        sample_logits, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"]
+    )
+    stops, pad_id = sampling["eos_ids"], sampling["pad_id"]
     cache, logits, real, lengths = _prefill(
         model, params, pixel_values, input_ids, modality_ids, prompt + max_new_tokens, cache_dtype
     )
@@ -194,7 +198,8 @@ def generate(
         padded prompt batch, e.g. `Processor.collate(..., padding_side="left")`).
       eos_ids: ids that end a row (kept in the output, `pad_id` after); empty: never stop early.
       temperature, top_k, top_p, seed: sampling (see `sample_logits`); the same seed gives the same
-        tokens for the same inputs.
+        tokens for the same inputs. These, eos_ids and pad_id are traced: changing them reuses the
+        compiled program (shapes, max_new_tokens, the model and cache_dtype are compiled in).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
@@ -204,33 +209,30 @@ def generate(
         input_ids,
         modality_ids,
         jax.random.key(seed),
+        _sampling_args(temperature, top_k, top_p, eos_ids, pad_id),
         model=model,
         max_new_tokens=int(max_new_tokens),
-        eos_ids=tuple(int(i) for i in eos_ids),
-        temperature=float(temperature),
-        top_k=None if top_k is None else int(top_k),
-        top_p=None if top_p is None else float(top_p),
-        pad_id=int(pad_id),
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
     )
 
 
 # Streaming: the same prefill and step, driven from Python so each token can be shown as it comes.
-@functools.partial(jax.jit, static_argnames=("model", "cache_length", "cache_dtype", "temperature", "top_k", "top_p"))
-def _stream_prefill(
-    params, pixel_values, input_ids, modality_ids, key, *, model, cache_length, cache_dtype, temperature, top_k, top_p
-):
+@functools.partial(jax.jit, static_argnames=("model", "cache_length", "cache_dtype"))
+def _stream_prefill(params, pixel_values, input_ids, modality_ids, key, sampling, *, model, cache_length, cache_dtype):
     cache, logits, real, lengths = _prefill(
         model, params, pixel_values, input_ids, modality_ids, cache_length, cache_dtype
     )
-    token = sample_logits(logits, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    token = sample_logits(
+        logits, jax.random.fold_in(key, 0), sampling["temperature"], sampling["top_k"], sampling["top_p"]
+    )
     return cache, token, real, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature", "top_k", "top_p"), donate_argnums=(1,))
-def _stream_step(params, cache, token, step, real, lengths, key, *, model, temperature, top_k, top_p):
+@functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(1,))
+def _stream_step(params, cache, token, step, real, lengths, key, sampling, *, model):
     logits, cache = _decode_step(model, params, cache, token, step - 1, real, lengths)
-    return cache, sample_logits(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
+    key = jax.random.fold_in(key, step)
+    return cache, sample_logits(logits, key, sampling["temperature"], sampling["top_k"], sampling["top_p"])
 
 
 def stream_generate(
@@ -254,7 +256,7 @@ def stream_generate(
     Yields the same tokens as `generate` with the same arguments (finished rows yield `pad_id`).
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
-    sampling = {"temperature": float(temperature), "top_k": top_k, "top_p": top_p}
+    sampling = _sampling_args(temperature, top_k, top_p, eos_ids, pad_id)
     key = jax.random.key(seed)
     cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
     cache, token, real, lengths = _stream_prefill(
@@ -263,17 +265,17 @@ def stream_generate(
         input_ids,
         modality_ids,
         key,
+        sampling,
         model=model,
         cache_length=input_ids.shape[1] + max_new_tokens,
         cache_dtype=cache_dtype,
-        **sampling,
     )
     stops = np.asarray(tuple(eos_ids), np.int32)
     done = np.zeros(input_ids.shape[0], bool)
     for step in range(max_new_tokens):
         if step > 0:
             cache, token = _stream_step(
-                params, cache, token, jnp.int32(step), real, lengths, key, model=model, **sampling
+                params, cache, token, jnp.int32(step), real, lengths, key, sampling, model=model
             )
         host = np.where(done, pad_id, np.asarray(token)).astype(np.int32)
         token = jnp.asarray(host)

@@ -158,12 +158,24 @@ def test_sampling_is_reproducible_and_stays_in_the_top_k(setup, reference):
 
 def test_sample_logits_top_k_and_top_p_keep_only_their_tokens():
     logits = jnp.log(jnp.asarray([[0.5, 0.25, 0.15, 0.06, 0.04]]))
-    keys = jax.random.split(jax.random.key(0), 2000)
-    top_k = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, top_k=2)[0])(keys))
+    keys = jax.random.split(jax.random.key(0), 4000)
+
+    sample = jax.jit(jax.vmap(lambda k, top_k, top_p: sample_logits(logits, k, 1.0, top_k, top_p)[0], (0, None, None)))
+
+    def draws(top_k=0, top_p=1.0):  # traced settings: one compilation for every call
+        return np.asarray(sample(keys, top_k, top_p))
+
+    top_k = draws(top_k=2)
     assert set(top_k.tolist()) == {0, 1}
-    np.testing.assert_allclose((top_k == 0).mean(), 0.5 / 0.75, atol=0.04)
-    top_p = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, top_p=0.8)[0])(keys))
+    np.testing.assert_allclose((top_k == 0).mean(), 0.5 / 0.75, atol=0.03)
+    top_p = draws(top_p=0.8)
     assert set(top_p.tolist()) == {0, 1, 2}  # 0.5 + 0.25 < 0.8: the third token completes the nucleus
+    np.testing.assert_allclose(
+        np.bincount(top_p, minlength=5)[:3] / len(top_p), np.array([0.5, 0.25, 0.15]) / 0.9, atol=0.03
+    )
+    both = draws(top_k=3, top_p=0.6)  # top-p over the renormalised top 3: 0.5/0.9 < 0.6 <= 0.75/0.9
+    assert set(both.tolist()) == {0, 1}
+    assert set(draws().tolist()) == {0, 1, 2, 3, 4}
     assert int(sample_logits(logits, keys[0])[0]) == 0  # temperature 0: greedy
 
 
