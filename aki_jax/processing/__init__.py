@@ -10,7 +10,7 @@ API (everything numpy; see each module for details):
                                                   # -> aki_jax.tiny(initial_tokenizer_len=..., vocab_size>=...)
     tok.encode(text) / tok.decode(ids) / tok.image_token_id / tok.pad_token_id / tok.stop_token_ids
 
-    pixels = preprocess_image(pil_or_path_or_array, size)   # f32[size, size, 3] in [-1, 1]
+    pixels = preprocess_image(image, size)        # PIL / path / bytes / array -> f32[size, size, 3] in [-1, 1]
 
     proc = Processor.from_config(config, tok)     # or Processor(tok, image_token_count, image_size)
     ex = proc.sft_example(messages, images)       # messages: [{"role": "system"|"user"|"assistant",
@@ -23,6 +23,9 @@ API (everything numpy; see each module for details):
     batch = proc.collate([ex, ...], length=512, max_images=1, padding_side="right", truncation="error")
     # -> {"pixel_values" f32[B, I, S, S, 3], "input_ids", "modality_ids", "segment_ids", "positions",
     #     "targets" int32[B, L], "weights" f32[B, L]}
+
+Generation on top of this: `aki_jax.generation.generate_text(model, params, tok, question, [image])` and
+the array-level `aki_jax.generation.generate(model, params, pixel_values, input_ids, modality_ids, N)`.
 
 Errors are ValueErrors naming the cause: placeholder/image count mismatch, an example longer than the
 batch (truncation="right" instead cuts the tail, dropping any image it would split), too many images.
