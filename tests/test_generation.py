@@ -94,6 +94,12 @@ def test_batched_equals_one_by_one(setup, reference):
     for b in range(2):
         alone = generate(model, params, pixels[b : b + 1], ids[b : b + 1], modality[b : b + 1], NEW)
         np.testing.assert_array_equal(np.asarray(alone)[0], batched[b])
+    # Right padding works too: each row continues from its own last real token.
+    right_ids, right_modality = np.zeros_like(ids), np.full_like(modality, PAD)
+    for b, (i, m) in enumerate(prompts):
+        right_ids[b, : len(i)], right_modality[b, : len(m)] = i, m
+    right = generate(model, params, pixels, right_ids, right_modality, NEW)
+    np.testing.assert_array_equal(np.asarray(right), batched)
 
 
 def test_prefill_logits_equal_the_forward(setup, reference):
