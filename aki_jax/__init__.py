@@ -6,6 +6,23 @@ from aki_jax.losses import next_token_loss, shift_targets, token_accuracy
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT, attention_mask, default_positions
 from aki_jax.model import AKI, abstract_params, init_params
 
+# Heavier entry points (Orbax, generation) are imported on first use, so `import aki_jax` stays light.
+_LAZY = {
+    "load_pretrained": "aki_jax.checkpoint",
+    "save_pretrained": "aki_jax.checkpoint",
+    "generate": "aki_jax.generation",
+    "generate_text": "aki_jax.generation",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'aki_jax' has no attribute {name!r}")
+
+
 __all__ = [
     "AKI",
     "AKIConfig",
@@ -21,10 +38,14 @@ __all__ = [
     "aki_4b",
     "attention_mask",
     "default_positions",
+    "generate",
+    "generate_text",
     "init_cache",
     "init_params",
+    "load_pretrained",
     "next_token_loss",
     "preset",
+    "save_pretrained",
     "shift_targets",
     "tiny",
     "token_accuracy",
