@@ -9,6 +9,7 @@ and taken as strings otherwise. A few short aliases exist for common knobs (`ALI
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -177,14 +178,20 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `key=value` strings in order; errors name the unknown key and list the valid ones."""
+    """Apply `key=value` strings in order; errors name the unknown key and list the valid ones.
+
+    Cross-field checks (e.g. rope factors vs head size) run once on the result, so coupled fields can be
+    changed together (`model.decoder.hidden_size=128 model.decoder.num_heads=8`).
+    """
+    if not overrides:
+        return config
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         key = ALIASES.get(key.strip(), key.strip())
         config = set_path(config, key.split("."), parse_value(text), key)
-    return config
+    return TrainConfig.from_dict(config.to_dict())
 
 
 def set_path(node, path: list[str], value, full: str):
@@ -206,7 +213,14 @@ def set_path(node, path: list[str], value, full: str):
         new = preset(value)
     else:
         new = _coerce(current, value, typing.get_type_hints(type(node))[name], full)
-    return dataclasses.replace(node, **{name: new})
+    return _replace_unchecked(node, name, new)
+
+
+def _replace_unchecked(node, name: str, value):
+    """A copy of a frozen dataclass with one field changed, validation deferred to `apply_overrides`."""
+    out = copy.copy(node)
+    object.__setattr__(out, name, value)
+    return out
 
 
 def _coerce(current, value, hint, full: str):
