@@ -142,8 +142,9 @@ class Decoder(nn.Module):
         x, cache = self.layers(embeds.astype(dt), cos, sin, mask, cache_index, cache)
         x = self.norm(x)
         n_orig = c.initial_tokenizer_len
-        main = jnp.einsum("BTD,DV->BTV", x, self.lm_head_kernel[:, :n_orig].astype(dt))
-        main = main + self.lm_head_bias[:n_orig].astype(dt)
+        # Multiply by the whole head and cut the logits: slicing the kernel would copy it on every call.
+        main = jnp.einsum("BTD,DV->BTV", x, self.lm_head_kernel.astype(dt)) + self.lm_head_bias.astype(dt)
+        main = main[..., :n_orig]
         added = jnp.einsum("BTD,DV->BTV", x, self.additional_head_kernel.astype(dt))
         added = added + self.additional_head_bias.astype(dt)
         logits = jnp.concatenate([main, added], axis=-1).astype(jnp.float32)
