@@ -6,14 +6,15 @@ python train.py attention=causal      # the same job with plain causal attention
 
 from aki_jax.config import tiny
 from aki_jax.data import DataConfig
-from aki_jax.training.config import CheckpointConfig, LogConfig, OptimizerConfig, TrainConfig
+from aki_jax.training.config import CheckpointConfig, EvalConfig, LogConfig, OptimizerConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:
     return TrainConfig(
         model=tiny(),
         data=DataConfig(batch_size=32, seq_len=64),
-        optim=OptimizerConfig(lr=3e-3, min_lr=1e-4, warmup_steps=50, total_steps=600, weight_decay=0.01),
+        optim=OptimizerConfig(lr=3e-3, min_lr=1e-4, warmup_steps=50, total_steps=1200, weight_decay=0.01),
         checkpoint=CheckpointConfig(dir="runs/tiny_digits", every_steps=200, keep=2),
         logging=LogConfig(every_steps=10),
+        eval=EvalConfig(every_steps=400),
     )
