@@ -1,7 +1,12 @@
 """The default job: a tiny AKI learns to answer questions about handwritten digits, in minutes on a CPU.
 
-python train.py                       # this config (MMA, the paper's attention)
-python train.py attention=causal      # the same job with plain causal attention (ablation)
+  python train.py                       # this config (MMA, the paper's attention)
+  python train.py attention=causal      # the same job with plain causal attention (the paper's ablation)
+
+A 0.43M-parameter AKI (frozen, randomly initialised vision tower; the resampler and decoder train) on the
+built-in digits VQA data (`aki_jax.data.digits`): 1200 steps of 32 examples, held-out answer exact match
+every 400 steps. Writes runs/tiny_digits_<attention>/{checkpoints, model, metrics.jsonl, tensorboard,
+training.png}; run it again with --resume (a finished run just re-evaluates).
 """
 
 from aki_jax.config import tiny
@@ -14,7 +19,7 @@ def get_config() -> TrainConfig:
         model=tiny(),
         data=DataConfig(batch_size=32, seq_len=64),
         optim=OptimizerConfig(lr=3e-3, min_lr=1e-4, warmup_steps=50, total_steps=1200, weight_decay=0.01),
-        checkpoint=CheckpointConfig(dir="runs/tiny_digits", every_steps=200, keep=2),
+        checkpoint=CheckpointConfig(dir="runs/tiny_digits_{attention}", every_steps=200, keep=2),
         logging=LogConfig(every_steps=10),
         eval=EvalConfig(every_steps=400),
     )

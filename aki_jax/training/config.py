@@ -56,7 +56,8 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Orbax checkpoints under `dir/checkpoints`, the resolved config at `dir/config.json`, the final
-    model (`save_pretrained` layout) at `dir/model`. every_steps=0 saves only at the end."""
+    model (`save_pretrained` layout) at `dir/model`. every_steps=0 saves only at the end.
+    "{attention}" in `dir` is replaced by the model's attention kind ("mma" / "causal")."""
 
     dir: str = "runs/tiny_digits"
     every_steps: int = 200

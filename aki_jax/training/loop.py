@@ -60,6 +60,13 @@ class _Preemption:
 def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     """Run the configured job; returns the summary dict (also printed and written to summary.json)."""
     sharding.initialize_distributed()
+    # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
+    config = dataclasses.replace(
+        config,
+        checkpoint=dataclasses.replace(
+            config.checkpoint, dir=config.checkpoint.dir.format(attention=config.model.attention)
+        ),
+    )
     out_dir = Path(config.checkpoint.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build_data(config) if data is None else data
@@ -157,7 +164,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
 
     summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
     if step == total:
-        if config.checkpoint.export_pretrained:
+        if config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists():
             summary["pretrained_dir"] = str(_export(out_dir / "model", model_config, state["params"], data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
