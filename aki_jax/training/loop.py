@@ -165,7 +165,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
     if step == total:
         if config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists():
-            summary["pretrained_dir"] = str(_export(out_dir / "model", model_config, state["params"], data))
+            summary["pretrained_dir"] = str(_export(out_dir.absolute() / "model", model_config, state["params"], data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
     if jax.process_index() == 0:
