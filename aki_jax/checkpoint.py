@@ -77,7 +77,7 @@ def save_pretrained(
     directory: str | Path, config: AKIConfig, params, tokenizer_dir: str | Path | None = None, compress: bool = True
 ) -> Path:
     """Write config, params (Orbax) and tokenizer files to `directory` (created; must not hold params yet)."""
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax requires absolute paths
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists")
@@ -219,7 +219,7 @@ def load_pretrained(
     """
     from aki_jax.model import AKI
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax requires absolute paths
     if not (directory / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not an aki-jax pretrained folder")
     config = AKIConfig.from_json(directory / CONFIG_FILE)

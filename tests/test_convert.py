@@ -195,10 +195,11 @@ def test_load_pretrained_casts_dtype_and_applies_shardings(converted):
     assert table.addressable_shards[0].data.shape == (CONFIG.decoder.vocab_size // 8, CONFIG.decoder.hidden_size)
 
 
-def test_save_pretrained_round_trips_params(tmp_path, state_dict):
+def test_save_pretrained_round_trips_params_with_relative_paths(tmp_path, state_dict, monkeypatch):
     params = torch_to_params({k: v.numpy() for k, v in state_dict.items()}, CONFIG)
-    save_pretrained(tmp_path / "p", CONFIG, params)
-    _, restored, tokenizer = load_pretrained(tmp_path / "p")
+    monkeypatch.chdir(tmp_path)  # Orbax itself wants absolute paths; users pass relative ones
+    save_pretrained("p", CONFIG, params)
+    _, restored, tokenizer = load_pretrained("p")
     assert tokenizer is None
     jax.tree.map(np.testing.assert_array_equal, restored, params)
 
