@@ -13,7 +13,8 @@ import numpy as np
 
 from aki_jax.config import AKIConfig
 from aki_jax.decoder import Decoder
-from aki_jax.mask import IMAGE, TEXT, attention_mask, default_positions
+from aki_jax.mask import IMAGE, TEXT, default_positions
+from aki_jax.mask import attention_mask as attention_mask_from_modalities
 from aki_jax.resampler import Resampler
 from aki_jax.vision import VisionTower
 
@@ -75,16 +76,12 @@ class AKI(nn.Module):
             positions = default_positions(modality_ids, segment_ids)
         mask = attention_mask
         if mask is None:
-            mask = modality_mask(modality_ids, segment_ids, c.attention)
+            mask = attention_mask_from_modalities(modality_ids, segment_ids, kind=c.attention)
             if cache is not None:
                 full = jnp.zeros(mask.shape[:2] + (cache["key"].shape[2],), bool)
                 mask = jax.lax.dynamic_update_slice_in_dim(full, mask, cache_index, axis=2)
         logits, cache_out = self.decoder(embeds, positions, mask, cache, cache_index)
         return logits if cache is None else (logits, cache_out)
-
-
-def modality_mask(modality_ids, segment_ids, kind):
-    return attention_mask(modality_ids, segment_ids, kind=kind)
 
 
 def fuse_image_tokens(embeds, image_tokens, modality_ids):
