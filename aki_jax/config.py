@@ -153,6 +153,8 @@ class AKIConfig:
     def __post_init__(self):
         if self.attention not in ("mma", "causal"):
             raise ValueError(f"AKIConfig.attention must be 'mma' or 'causal', got {self.attention!r}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"AKIConfig.attention_impl must be null, 'xla' or 'cudnn', got {self.attention_impl!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"AKIConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.initial_tokenizer_len > self.decoder.vocab_size:
