@@ -320,3 +320,17 @@ def test_command_line_tools_convert_and_export(tmp_path, converted, capsys):
     )
     assert convert_tool.main(["--src", str(tmp_path / "nothing"), "--dst", str(tmp_path / "x")]) == 1
     assert "no such file or folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [(5, 7), (1000, 1537), (2049, 700)])
+def test_transpose_into_equals_numpy_transpose(shape, threads, dtype):
+    from aki_jax.convert.mapping import transpose_into
+
+    src = np.random.default_rng(0).integers(0, 60000, shape).astype(dtype)
+    dst = np.zeros(shape[::-1], dtype)
+    transpose_into(src, dst, threads=threads)
+    np.testing.assert_array_equal(dst, src.T)
+    with pytest.raises(ValueError, match=r"transpose_into: \(5, 7\) -> \(5, 7\)"):
+        transpose_into(np.zeros((5, 7), dtype), np.zeros((5, 7), dtype))

