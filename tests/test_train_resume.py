@@ -52,8 +52,8 @@ def train(run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProces
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def final_params(run_dir: Path) -> dict:
-    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(STEPS) / "state")
+def final_params(run_dir: Path, step: int = STEPS) -> dict:
+    restored = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
     return restored["params"]
 
 
@@ -70,7 +70,7 @@ def ids_per_step(run_dir: Path) -> dict[int, list]:
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     cache = base / "jax_cache"
-    straight = train(base / "straight", cache)
+    straight = train(base / "straight", cache, "checkpoint.export_pretrained=true")
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     interrupted = base / "interrupted"
@@ -116,3 +116,28 @@ def _leaves(tree, prefix=""):
         else:
             out[prefix + key] = np.asarray(value)
     return out
+
+
+def test_init_from_starts_from_the_pretrained_params_and_keep_best_keeps_latest_and_best(runs, tmp_path):
+    """A run started with --init-from the straight run's exported model, at learning rate 0, ends with
+    exactly that model's params; with keep=1 and keep_best only the latest and the best save remain."""
+    straight, _, _, _ = runs
+    cache = straight.parent / "jax_cache"
+    run = tmp_path / "init"
+    result = train(
+        run, cache, "--init-from", str(straight / "model"), "steps=3", "optim.lr=0", "optim.min_lr=0",
+        "optim.warmup_steps=0", "checkpoint.every_steps=1", "checkpoint.keep=1", "checkpoint.keep_best=true",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, got = _leaves(final_params(straight)), _leaves(final_params(run, 3))
+    assert expected.keys() == got.keys()
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    summary = json.loads((run / "summary.json").read_text())
+    best = summary["best_checkpoint_step"]
+    kept = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({best, 3})
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    accuracy = {r["step"]: r["accuracy"] for r in evals if r.get("split") == "eval"}
+    assert sorted(accuracy) == [1, 2, 3]  # evaluated at every save, so each save has its own accuracy
+    assert accuracy[best] == max(accuracy.values())

@@ -22,17 +22,29 @@ log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Save every `every_steps`, keep the last `keep` (or the `keep` best by eval accuracy), restore latest."""
+    """Save every `every_steps`; keep the last `keep`, plus (`keep_best`) the one with the best eval accuracy.
+
+    The most recent checkpoints always stay, so `--resume` continues from the last save even when an
+    earlier step scored better. A checkpoint's accuracy is the `metrics` given to its own `maybe_save`.
+    """
 
     def __init__(self, directory: str | Path, every_steps: int, keep: int, keep_best: bool, async_save: bool):
         self.directory = Path(directory).absolute() / "checkpoints"
         self.every_steps = every_steps
         # The save interval is decided here (`maybe_save`), not by Orbax's policy (which also saves the first step).
+        self.keep_best = keep_best
+        accuracy = lambda metrics: metrics["eval_accuracy"]  # noqa: E731
+        policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+        if keep_best:
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=accuracy, reverse=False, n=1, keep_checkpoints_without_metrics=False
+                )
+            )
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            best_fn=(lambda metrics: metrics["eval_accuracy"]) if keep_best else None,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            best_fn=accuracy if keep_best else None,  # records each save's metrics, for `best_step`
             best_mode="max",
-            keep_checkpoints_without_metrics=True,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -41,10 +53,16 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save(step, ...)` will save (without `force`)."""
+        return self.every_steps > 0 and step % self.every_steps == 0 and step not in self.manager.all_steps()
+
+    def best_step(self) -> int | None:
+        return self.manager.best_step() if self.keep_best else None
+
     def maybe_save(self, step: int, state, data_state, metrics=None, force: bool = False) -> bool:
         """Save if `step` is on the interval (or `force`); returns whether a save started."""
-        on_interval = self.every_steps > 0 and step % self.every_steps == 0
-        if not (force or on_interval) or step in self.manager.all_steps():
+        if not (force or self.due(step)) or step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(encode(data_state)))
         saved = self.manager.save(step, args=args, metrics=metrics, force=True)

@@ -62,7 +62,7 @@ class CheckpointConfig:
     dir: str = "runs/tiny_digits"
     every_steps: int = 200
     keep: int = 3
-    keep_best: bool = False  # keep the `keep` best by eval accuracy instead of the most recent
+    keep_best: bool = False  # also keep the checkpoint with the best held-out accuracy (eval runs at every save)
     async_save: bool = True
     export_pretrained: bool = True
 

@@ -139,10 +139,13 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
                 history.append(record)
                 reporter.log(step, record)
             reporter.advance()
-            if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
-                eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+            evaluated = None  # a checkpoint carries the accuracy of its own step, never an older one
+            eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
+            if step < total and (eval_due or (config.checkpoint.keep_best and checkpointer.due(step))):
+                evaluated = eval_result = evaluate(state["params"], data, model_config, mesh, rules)
                 reporter.log(step, eval_result, split="eval")
-            checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result))
+            if step < total:  # the last step is saved after the final evaluation, with its accuracy
+                checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(evaluated))
             if config.fault.kill_at_step and step == config.fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
             if config.fault.sigterm_at_step and step == config.fault.sigterm_at_step:
@@ -156,6 +159,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
             reporter.log(step, eval_result, split="eval")
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
     checkpointer.wait()
+    best_step = checkpointer.best_step()
     checkpointer.close()
     data.close()
     reporter.close()
@@ -163,6 +167,8 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
         ids_file.close()
 
     summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
+    if best_step is not None:
+        summary["best_checkpoint_step"] = best_step
     if step == total:
         if config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists():
             summary["pretrained_dir"] = str(_export(out_dir.absolute() / "model", model_config, state["params"], data))
