@@ -86,7 +86,7 @@ def model_and_params(model, tokenizer, processor, benchmarks):
     params = init_params(model.config, jax.random.key(0))
     width = model.config.decoder.hidden_size
     vocab = tokenizer.backend.get_vocab()
-    favoured = jnp.asarray([vocab[t] for t in ("A", "B", "C", "D", "No", "3") if t in vocab])
+    favoured = jnp.asarray([vocab[t] for t in ("A", "B", "C", "D", "No", "yes▁", "3") if t in vocab])
     end = tokenizer.end_token_id
     u = np.random.default_rng(1).normal(size=width)
     u /= np.linalg.norm(u)
@@ -123,8 +123,24 @@ def model_and_params(model, tokenizer, processor, benchmarks):
     aims = rng.normal(size=(len(favoured), 3)) @ directions[:3]  # mixes of the 3 leading directions
     aims /= np.linalg.norm(aims, axis=1, keepdims=True)
     scale = 4.0 / (within @ aims.T).std()
-    kernel = decoder["lm_head_kernel"].at[:, favoured].set(jnp.asarray(scale * aims.T, jnp.float32))
-    bias = decoder["lm_head_bias"].at[favoured].set(jnp.asarray(20.0 - scale * aims @ centre, jnp.float32))
+    # 3. a term that tells yes/no prompts from the others (along the difference of their mean states,
+    #    away from `u`) lifts "No"/"yes" by ~8 logits on yes/no prompts and the other favoured tokens
+    #    elsewhere, so that answers parse on every host (which token wins in 2. rests on tiny state
+    #    differences, so on the host's rounding).
+    kinds = [bench.items[0].task for bench in benchmarks]
+    yes_no = np.concatenate([g for g, k in zip(groups, kinds, strict=True) if k == "yes_no"])
+    choice = np.concatenate([g for g, k in zip(groups, kinds, strict=True) if k != "yes_no"])
+    kind = yes_no.mean(0) - choice.mean(0)
+    kind -= (kind @ u) * u
+    kind /= np.linalg.norm(kind)
+    low, high = choice @ kind, yes_no @ kind
+    assert high.min() > low.max(), "yes/no prompts should be separable from the others"
+    middle, gap = (high.min() + low.max()) / 2, (high.min() - low.max()) / 2
+    sign = np.asarray([1.0 if tokenizer.backend.id_to_token(int(t)) in ("No", "yes▁") else -1.0 for t in favoured])
+    kind_kernel = 8.0 * np.outer(kind, sign) / gap
+    kind_bias = -8.0 * sign * middle / gap
+    kernel = decoder["lm_head_kernel"].at[:, favoured].set(jnp.asarray(scale * aims.T + kind_kernel, jnp.float32))
+    bias = decoder["lm_head_bias"].at[favoured].set(jnp.asarray(20.0 - scale * aims @ centre + kind_bias, jnp.float32))
     params["decoder"] = dict(decoder, lm_head_kernel=kernel, lm_head_bias=bias)
     return model, params
 

@@ -31,7 +31,6 @@ class Checkpointer:
     def __init__(self, directory: str | Path, every_steps: int, keep: int, keep_best: bool, async_save: bool):
         self.directory = Path(directory).absolute() / "checkpoints"
         self.every_steps = every_steps
-        # The save interval is decided here (`maybe_save`), not by Orbax's policy (which also saves the first step).
         self.keep_best = keep_best
         accuracy = lambda metrics: metrics["eval_accuracy"]  # noqa: E731
         policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -41,6 +40,7 @@ class Checkpointer:
                     get_metric_fn=accuracy, reverse=False, n=1, keep_checkpoints_without_metrics=False
                 )
             )
+        # The save interval is decided here (`maybe_save`), not by Orbax's policy (which also saves the first step).
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=accuracy if keep_best else None,  # records each save's metrics, for `best_step`
