@@ -81,10 +81,11 @@ def save_pretrained(
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / PARAMS_DIR).exists():
         raise FileExistsError(f"{directory / PARAMS_DIR} already exists")
-    config.to_json(directory / CONFIG_FILE)
     with _context(compress):
-        _ocp().save_pytree(directory / PARAMS_DIR, params)
-    copy_tokenizer_files(tokenizer_dir, directory)
+        _ocp().save_pytree(directory / PARAMS_DIR, params)  # collective: every process writes its shards
+    if jax.process_index() == 0:
+        config.to_json(directory / CONFIG_FILE)
+        copy_tokenizer_files(tokenizer_dir, directory)
     return directory
 
 

@@ -125,8 +125,12 @@ class Decoder(nn.Module):
         dt = jnp.dtype(c.dtype)
         n_orig = c.initial_tokenizer_len
         ids = jnp.clip(input_ids, 0, n_orig + 1)
-        original = jnp.take(self.embed_tokens, jnp.minimum(ids, n_orig - 1), axis=0)
-        added = jnp.take(self.additional_embedding, jnp.clip(ids - n_orig, 0, 1), axis=0)
+        # Gather from whole rows: a table split along embed (FSDP) would leave the lookup split along
+        # embed, and its gradient would have to go from batch-split to embed-split by full replication.
+        table = constrain(self.embed_tokens, ("vocab", None))
+        added_table = constrain(self.additional_embedding, (None, None))
+        original = jnp.take(table, jnp.minimum(ids, n_orig - 1), axis=0)
+        added = jnp.take(added_table, jnp.clip(ids - n_orig, 0, 1), axis=0)
         x = jnp.where((ids >= n_orig)[..., None], added, original).astype(dt)
         return constrain(x, ACT)
 

@@ -208,7 +208,8 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
     """`jax.distributed.initialize()` for multi-host runs (auto-detected on TPU pods, SLURM, Open MPI).
 
     enabled=None initialises only when a cluster environment is detected, so single-host runs skip it.
-    Must run before any other JAX call.
+    Without a cluster manager, set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+    and JAX_PROCESS_ID on every process. Must run before any other JAX call.
     """
     import os
 
@@ -216,8 +217,22 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
         markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
         enabled = any(os.environ.get(m) for m in markers) and os.environ.get("TPU_WORKER_HOSTNAMES", "x") != "localhost"
     if enabled:
+        # A manual launch (no cluster manager) names the process by environment, like the coordinator.
+        for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+            if key not in kwargs and os.environ.get(env):
+                kwargs[key] = _env_int(env)
         jax.distributed.initialize(**kwargs)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def _env_int(name: str) -> int:
+    import os
+
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def activation_context(mesh: Mesh, rules):

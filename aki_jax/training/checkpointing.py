@@ -2,7 +2,8 @@
 
 Layout: `<dir>/checkpoints/<step>/{state, data}`:
   state  the train-state pytree {step, params, opt_state, rng} (each array saved from its own shards)
-  data   the data iterator's state (JSON) so that resuming yields exactly the next examples.
+  data   the data iterator's state of every process (JSON, {"processes": [state of process 0, ...]}), so
+         that resuming yields exactly the next examples on every host.
 
 Saves are asynchronous (training continues while arrays are written) and atomic: Orbax writes into a
 temporary directory and renames it when complete, so a save interrupted by a crash or SIGKILL leaves the
@@ -12,10 +13,12 @@ previous checkpoint intact and is ignored on restore.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,9 @@ class Checkpointer:
         """Save if `step` is on the interval (or `force`); returns whether a save started."""
         if not (force or self.due(step)) or step in self.manager.all_steps():
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(encode(data_state)))
+        # Orbax writes JSON from the primary process only: every process's iterator state goes through it.
+        data_states = {"processes": gather_from_processes(encode(data_state))}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_states))
         saved = self.manager.save(step, args=args, metrics=metrics, force=True)
         if saved:
             log.info("checkpoint %d: saving to %s", step, self.directory)
@@ -79,7 +84,7 @@ class Checkpointer:
             step,
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
-        return restored["state"], decode(restored["data"])
+        return restored["state"], decode(own_process_state(restored["data"], self.directory / str(step) / "data"))
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -90,6 +95,34 @@ class Checkpointer:
 
 def abstract_with_shardings(abstract_state, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+
+
+def gather_from_processes(payload) -> list:
+    """[payload of process 0, payload of process 1, ...] on every process (a collective when several)."""
+    if jax.process_count() == 1:
+        return [payload]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(payload).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: raw.size] = raw
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(gathered[p, : lengths[p]].tobytes()) for p in range(len(lengths))]
+
+
+def own_process_state(saved: dict, where: Path):
+    """This process's entry of a saved {"processes": [...]} (a state saved before that format: as is)."""
+    if "processes" not in saved:
+        return saved
+    states = saved["processes"]
+    if len(states) != jax.process_count():
+        raise ValueError(
+            f"{where}: the data iterator state was saved by {len(states)} processes but this run has "
+            f"{jax.process_count()}; each process's position in its own data shard cannot be carried over. "
+            f"Resume with {len(states)} processes, or start a new run with --init-from an exported model"
+        )
+    return states[jax.process_index()]
 
 
 def encode(data_state):

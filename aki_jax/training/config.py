@@ -80,7 +80,7 @@ class LogConfig:
     tensorboard: bool = True
     plot: bool = True
     peak_flops_per_device: float = 0.0
-    record_example_ids: bool = False  # write each step's example ids to dir/example_ids.jsonl (resume tests)
+    record_example_ids: bool = False  # each step's example ids to dir/example_ids*.jsonl, one per process (tests)
 
 
 @dataclasses.dataclass(frozen=True)

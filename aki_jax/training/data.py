@@ -50,7 +50,8 @@ def pipeline_data(config) -> DataBundle:
         tokenizer = load_tokenizer(tokenizer_dir)
     elif all(s.kind == "digits" for s in d.sources + d.eval_sources):
         tokenizer_dir = str(out_dir / "tokenizer")
-        tokenizer = digits_tokenizer(tokenizer_dir)
+        # Deterministic, so each process trains its own; one writes the folder (shared by all hosts).
+        tokenizer = digits_tokenizer(tokenizer_dir if jax.process_index() == 0 else None)
     else:
         raise ValueError(
             "this data needs a tokenizer: pass tokenizer=/path/to/folder (or --init-from a pretrained folder)"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from aki_jax import sharding
 from aki_jax.training import flops as flops_lib
@@ -110,7 +111,9 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
         f"AKI {count_params(abstract['params']) / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained), "
         f"mesh {dict(mesh.shape)}, batch {rows}x{length}, steps {start_step}->{total}, data: {data.description}"
     )
-    ids_file = (out_dir / "example_ids.jsonl").open("a") if config.logging.record_example_ids else None
+    ids_file = (out_dir / example_ids_file()).open("a") if config.logging.record_example_ids else None
+    # Decided before any process could export, so that all processes agree (the export is collective).
+    export = config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists()
 
     timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
     history = []
@@ -170,7 +173,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     if best_step is not None:
         summary["best_checkpoint_step"] = best_step
     if step == total:
-        if config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists():
+        if export:
             summary["pretrained_dir"] = str(_export(out_dir.absolute() / "model", model_config, state["params"], data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
@@ -223,18 +226,18 @@ def param_shardings_shapes(model_config):
 def evaluate(params, data: DataBundle, model_config, mesh, rules) -> dict:
     """Held-out answer exact-match accuracy (teacher-forced argmax == greedy decoding) and token loss.
 
-    Rows without supervised tokens (the padding rows of the last eval batch) are not counted.
+    Rows without supervised tokens (the padding rows of the last eval batch) are not counted. Each batch
+    is reduced to replicated totals inside the jitted step, so every process gets the global figures.
     """
-    fn = _eval_fn(model_config)
+    fn = _eval_fn(model_config, mesh)
     correct = loss_sum = count = n = 0
     for batch in data.make_eval():
         inputs = {k: v for k, v in batch.items() if k != "example_ids"}
-        ok, ls, c = jax.device_get(fn(params, sharding.make_global_batch(inputs, mesh, rules)))
-        real = c > 0
-        correct += int((ok & real).sum())
-        loss_sum += float(ls.sum())
-        count += float(c.sum())
-        n += int(real.sum())
+        totals = jax.device_get(fn(params, sharding.make_global_batch(inputs, mesh, rules)))
+        correct += int(totals["correct"])
+        loss_sum += float(totals["loss_sum"])
+        count += float(totals["count"])
+        n += int(totals["rows"])
     if n == 0:
         return {}
     return {"accuracy": correct / n, "loss": loss_sum / max(count, 1.0), "examples": n}
@@ -243,10 +246,24 @@ def evaluate(params, data: DataBundle, model_config, mesh, rules) -> dict:
 _EVAL_FNS = {}
 
 
-def _eval_fn(model_config):
-    if model_config not in _EVAL_FNS:
-        _EVAL_FNS[model_config] = jax.jit(lambda p, b: eval_step(p, b, config=model_config))
-    return _EVAL_FNS[model_config]
+def _eval_fn(model_config, mesh):
+    key = (model_config, mesh)
+    if key not in _EVAL_FNS:
+
+        def totals(params, batch):
+            ok, loss_sum, count = eval_step(params, batch, config=model_config)
+            real = count > 0
+            return {"correct": (ok & real).sum(), "loss_sum": loss_sum.sum(), "count": count.sum(), "rows": real.sum()}
+
+        _EVAL_FNS[key] = jax.jit(totals, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return _EVAL_FNS[key]
+
+
+def example_ids_file() -> str:
+    """Where this process records the example ids of its rows (one file per process when several)."""
+    if jax.process_count() == 1:
+        return "example_ids.jsonl"
+    return f"example_ids.process{jax.process_index()}-of-{jax.process_count()}.jsonl"
 
 
 def row_fingerprints(batch: dict) -> np.ndarray:
