@@ -4,8 +4,9 @@
 
 - On synthetic data (whose global batch does not depend on the process count) two processes end where one
   process with the same four devices ends.
-- On the digits pipeline (each process reads its own shard) a run killed by SIGKILL on both hosts and
-  resumed ends bit-identical to an uninterrupted two-process run, each process having seen the same
+- On the digits pipeline (each process reads its own shard) a run preempted by SIGTERM on one host (both
+  save at an agreed step), resumed, killed by SIGKILL on both hosts and resumed again ends bit-identical
+  to an uninterrupted two-process run, each process having seen the same
   examples at every step, none twice, and no example on both processes.
 - Each process's data-iterator state travels through the checkpoint (Orbax writes JSON from process 0
   only) and comes back to that process; a different process count is refused by name.
@@ -138,15 +139,24 @@ def test_two_processes_end_where_one_process_ends(tmp_path, cache):
     )
 
 
-def test_killed_two_process_run_resumes_bit_identical(tmp_path, cache):
-    digits = ("steps=8",)
+def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, cache):
+    steps = 10
+    digits = (f"steps={steps}",)
     straight = train(tmp_path / "straight", cache, *digits)
     assert_ok(straight)
     interrupted = tmp_path / "interrupted"
-    assert_ok(train(interrupted, cache, *digits, "fault.kill_at_step=6", "checkpoint.export_pretrained=false"), -9)
-    assert sorted(p.name for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
-    saved = json.loads((interrupted / "checkpoints" / "4" / "data" / "metadata").read_text())
+    # A preemption notice reaching process 1 only: the processes agree on a later step (when depends on
+    # timing), both save it and exit cleanly.
+    preempted = train(interrupted, cache, *digits, "fault.sigterm_at_step=1", "fault.process=1")
+    assert_ok(preempted)
+    saved_steps = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
+    stop = saved_steps[-1]
+    assert 1 < stop < steps - 1 and set(saved_steps) <= {4, stop}, saved_steps
+    assert f"SIGTERM: saving checkpoint at step {stop} before exiting" in preempted[0].stdout
+    saved = json.loads((interrupted / "checkpoints" / str(stop) / "data" / "metadata").read_text())
     assert len(saved["processes"]) == 2
+    killed = train(interrupted, cache, *digits, "--resume", f"fault.kill_at_step={stop + 1}")
+    assert_ok(killed, -9)  # both hosts die with no cleanup, one step after the last save
     assert_ok(train(interrupted, cache, *digits, "--resume"))
 
     a, b = exported_params(tmp_path / "straight"), exported_params(interrupted)
@@ -156,10 +166,10 @@ def test_killed_two_process_run_resumes_bit_identical(tmp_path, cache):
     seen = []
     for process in (0, 1):
         expected, got = ids_per_step(tmp_path / "straight", process), ids_per_step(interrupted, process)
-        assert sorted(got) == list(range(1, 9))
+        assert sorted(got) == list(range(1, steps + 1))
         assert got == expected
         seen += [i for step in sorted(got) for i in got[step]]
-    assert len(seen) == len(set(seen)) == 8 * 8  # 4 rows per process per step, no example twice or on both
+    assert len(seen) == len(set(seen)) == steps * 8  # 4 rows per process per step, none twice or on both
 
 
 STATES = """

@@ -99,10 +99,12 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class FaultConfig:
     """Testing hooks, after the given step: `kill_at_step` SIGKILLs this process (no cleanup at all);
-    `sigterm_at_step` sends it SIGTERM (as a preemption notice would)."""
+    `sigterm_at_step` sends it SIGTERM (as a preemption notice would). `process` >= 0 limits both to that
+    process of a multi-process run (a preemption notice reaching one host only)."""
 
     kill_at_step: int = 0
     sigterm_at_step: int = 0
+    process: int = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,28 +34,42 @@ log = logging.getLogger(__name__)
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints after the current step and exits cleanly."""
+    """SIGTERM (a preemption notice) makes every process checkpoint after the same step and exit cleanly.
+
+    One process: a Python handler sets a flag. Several: the notice may reach only some hosts, and a
+    host saving alone would wait forever in the collective save. JAX's preemption service (started by
+    `jax.distributed.initialize`) catches SIGTERM itself and `reached_preemption_sync_point` picks a step
+    at which all processes stop; our handler must then stay out of its way. If that service is off, the
+    flag is shared by an all-gather at every step.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._service = False
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._service = jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        if not self._service:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+        if not self._service:
+            signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
 
     def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:  # all hosts must agree on the step at which they stop
-            from jax.experimental import multihost_utils
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
 
-            return self.requested or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+        if self._service:
+            return multihost_utils.reached_preemption_sync_point(step)
+        flags = multihost_utils.process_allgather(np.asarray([self.requested]))
+        return bool(np.asarray(flags).any())
 
 
 def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
@@ -149,11 +163,12 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
                 reporter.log(step, eval_result, split="eval")
             if step < total:  # the last step is saved after the final evaluation, with its accuracy
                 checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(evaluated))
-            if config.fault.kill_at_step and step == config.fault.kill_at_step:
+            fault = config.fault if config.fault.process in (-1, jax.process_index()) else None
+            if fault and fault.kill_at_step and step == fault.kill_at_step:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
-            if config.fault.sigterm_at_step and step == config.fault.sigterm_at_step:
+            if fault and fault.sigterm_at_step and step == fault.sigterm_at_step:
                 os.kill(os.getpid(), signal.SIGTERM)  # test hook: a preemption notice
-            if preemption.should_stop(step):
+            if step < total and preemption.should_stop(step):
                 reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
                 checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
                 break
