@@ -12,6 +12,9 @@ import math
 from pathlib import Path
 from typing import Any
 
+# AKIConfig.attention_impl: None = aki_jax.layers.recomputing_attention; "xla" / "cudnn" = jax.nn's.
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
 # Phi-3.5-mini-instruct's LongRoPE factors (48 each, one per rotary frequency of a 96-wide head).
 PHI35_SHORT_FACTOR = (
     1.0, 1.0199999809265137, 1.0299999713897705, 1.0299999713897705, 1.0499999523162842,
@@ -153,7 +156,7 @@ class AKIConfig:
     def __post_init__(self):
         if self.attention not in ("mma", "causal"):
             raise ValueError(f"AKIConfig.attention must be 'mma' or 'causal', got {self.attention!r}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"AKIConfig.attention_impl must be null, 'xla' or 'cudnn', got {self.attention_impl!r}")
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"AKIConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aki_jax.config import ATTENTION_IMPLEMENTATIONS
+
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -65,9 +67,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
         return scale.astype(x.dtype) * y.astype(x.dtype)
-
-
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 def dot_product_attention(query, key, value, mask=None, *, implementation: str | None = None):
