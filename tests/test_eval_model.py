@@ -360,8 +360,8 @@ def test_eight_devices_give_the_same_predictions_as_one(
 def test_killed_model_run_resumes_without_recomputing(
     model_and_params, processor, benchmarks, tmp_path, single_device_runs
 ):
-    bench = benchmarks[0]  # MMBench-style: 2-4 candidate rows per item
-    scorer = _scorer(model_and_params, processor, "likelihood", rows=3)
+    bench = benchmarks[0]  # MMBench-style: 2-4 candidates per item, one row each item
+    scorer = _scorer(model_and_params, processor, "likelihood", rows=2)
     real = scorer.runner.log_likelihoods
 
     def dies_on_third_call(examples):
@@ -376,12 +376,56 @@ def test_killed_model_run_resumes_without_recomputing(
     finished = len(shard.read_text().splitlines())
     rows_left = sum(scorer.item_rows(it) for it in bench.items[finished:])
 
-    resumed = _scorer(model_and_params, processor, "likelihood", rows=3)
+    resumed = _scorer(model_and_params, processor, "likelihood", rows=2)
     runner.evaluate_benchmark(bench, resumed, tmp_path, progress=False)
     assert 0 < finished < len(bench.items)
-    assert resumed.runner.calls == -(-rows_left // 3)
+    assert resumed.runner.calls == -(-rows_left // 2)
     got, want = _records(tmp_path, bench), _records(single_device_runs["likelihood"][0], bench)
     assert [r["prediction"] for r in got] == [r["prediction"] for r in want]
+
+
+@pytest.mark.parametrize("kind", ["mma", "causal"])
+def test_shared_prefix_row_scores_each_candidate_as_its_own_row(model_and_params, processor, kind):
+    """Candidates of different lengths (option texts) in one row score as each alone, for either mask."""
+    from aki_jax.evaluation.scoring import shared_prefix_row
+
+    model, params = model_and_params
+    model = AKI(model.config.replace(attention=kind))
+    pixels = preprocess_images([_small(skdata.astronaut())], processor.image_size)
+    user = {"role": "user", "content": "<image>\nWhat is in the image?\nA. a cat\nB. a dog\n" + prompts.MC_INSTRUCTION}
+    answers = ["A", "a dog in the image", "B. a cat", "no"]
+    examples = [
+        processor.sft_example([user, {"role": "assistant", "content": a}], pixel_values=pixels) for a in answers
+    ]
+    row = shared_prefix_row(examples)
+    prefix = int((row["branch"] == 0).sum())
+    supervised = [np.flatnonzero(e["weights"] > 0) for e in examples]
+    assert prefix == min(s[0] for s in supervised) + 1  # the prompt, shared once
+    assert len(row["input_ids"]) == prefix + sum(s[-1] + 1 - prefix for s in supervised)
+    assert len(row["input_ids"]) < sum(len(e["input_ids"]) for e in examples) / 2
+
+    scoring = ModelRunner(model, params, processor, rows_per_step=2, length_multiple=64)
+    got = scoring.log_likelihoods([row])[0]
+    want = []
+    for e in examples:
+        logp = _log_softmax(forward_alone(model, params, e))
+        want.append(float((logp[np.arange(len(logp)), e["targets"]] * e["weights"]).sum()))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    assert np.ptp(want) > 1e-3  # the candidates really score differently
+
+
+def test_shared_prefix_row_refuses_what_it_cannot_score(processor):
+    from aki_jax.evaluation.scoring import shared_prefix_row
+
+    user = {"role": "user", "content": "Which digit?"}
+    a, b = (processor.sft_example([user, {"role": "assistant", "content": t}]) for t in ("1", "2"))
+    with pytest.raises(ValueError, match="a candidate has no supervised token"):
+        shared_prefix_row([a, {**b, "weights": np.zeros_like(b["weights"])}])
+    bad = {**b, "modality_ids": np.where(b["weights"] > 0, 3, b["modality_ids"])}  # QUERY inside the answer
+    with pytest.raises(ValueError, match="candidate 1: its tokens after the shared prompt are not all TEXT"):
+        shared_prefix_row([a, bad])
+    with pytest.raises(ValueError, match="no candidates"):
+        shared_prefix_row([])
 
 
 def _load_tool():

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--output", help="output folder (default: eval/<checkpoint folder name>)")
     parser.add_argument(
-        "--batch-size", type=int, default=8, help="rows per model call over all devices and hosts (default 8)"
+        "--batch-size", type=int, default=8, help="rows (items) per model call over all devices and hosts (default 8)"
     )
     parser.add_argument(
         "--mesh", default="data=-1", help="mesh axis sizes, e.g. data=-1 or data=2,fsdp=4 (default data=-1)"

@@ -4,11 +4,16 @@ Both implement the runner's `Scorer` protocol. One model call handles `rows_per_
 process; on a mesh the rows of all processes form one global batch split over the batch axes
 (`aki_jax.sharding`'s "act_batch" rule), so every call is one SPMD computation.
 
-Likelihood ("likelihood" mode, multiple choice and yes/no): one row per candidate answer. A row is the
-SFT encoding of the conversation (user prompt, assistant candidate) — exactly what training supervises —
-and its score is the sum of log-probabilities of the supervised tokens: the candidate's tokens plus the
-`<|end|>` that closes the turn, so "A" means "the answer is exactly A". The prediction is the best
-candidate (ties: the first). VQA items have no candidates and are generated even in this mode.
+Likelihood ("likelihood" mode, multiple choice and yes/no): each candidate answer is scored on the SFT
+encoding of the conversation (user prompt, assistant candidate) — exactly what training supervises — by
+the sum of log-probabilities of its supervised tokens: the candidate's tokens plus the `<|end|>` that
+closes the turn, so "A" means "the answer is exactly A". The prediction is the best candidate (ties: the
+first). All candidates of an item share one row (`shared_prefix_row`): the common prompt (image included)
+once, then each candidate's own tokens as a branch that sees the prompt and itself only, with the
+positions it has in its own encoding. The prompt's tokens never see a branch (branches are assistant
+text, which neither causal attention nor MMA lets earlier tokens read), so every score equals the one
+its own full row gives, at the cost of one prompt instead of one per candidate. VQA items have no
+candidates and are generated even in this mode.
 
 Generation ("generate" mode, and VQA in any mode): greedy decoding of the prompt, cut at the first stop
 token, then `answers.extract_*`.
@@ -31,37 +36,97 @@ import numpy as np
 from aki_jax.evaluation import answers, prompts
 from aki_jax.evaluation.items import Item
 from aki_jax.evaluation.runner import Distribution, ItemFailed
-from aki_jax.losses import next_token_loss
 from aki_jax.mask import TEXT
 
 MODES = ("likelihood", "generate")
 
 
-def row_log_likelihoods(logits, targets, weights):
-    """Sum of log p(target) over weighted positions, per row: f[B, L, V], int[B, L], f[B, L] -> f32[B]."""
+def shared_prefix_row(examples: list[dict]) -> dict:
+    """The SFT encodings of one item's candidates -> one row that scores all of them.
 
-    def one(logit, t, w):
-        mean, count = next_token_loss(logit[None], t[None], w[None])
-        return -mean * count
+    The common prefix P (where the encodings agree, cut so that it holds no supervised prediction but
+    its last token's) appears once; candidate k's tokens after it, up to its last supervised position,
+    follow as branch k + 1 (prefix: branch 0) with positions continuing from P. Candidate k's targets and
+    weights sit at its own branch and, for its first answer token, at the prefix's last position.
 
-    return jax.vmap(one)(logits, targets, weights)
+    Returns numpy {"input_ids", "modality_ids", "positions", "branch": int32[n], "targets": int32[K, n],
+    "weights": f32[K, n], "pixel_values": f32[I, S, S, 3]}. Raises ValueError when the encodings share no
+    prefix, a candidate has no supervised token, or a branch holds anything but TEXT tokens.
+    """
+    if not examples:
+        raise ValueError("no candidates to score")
+    ids = [np.asarray(e["input_ids"]) for e in examples]
+    modality = [np.asarray(e["modality_ids"]) for e in examples]
+    prefix = min(len(x) for x in ids)
+    for x, m in zip(ids[1:], modality[1:], strict=True):
+        differs = np.flatnonzero((x[:prefix] != ids[0][:prefix]) | (m[:prefix] != modality[0][:prefix]))
+        if differs.size:
+            prefix = int(differs[0])
+    supervised = [np.flatnonzero(np.asarray(e["weights"]) > 0) for e in examples]
+    if any(s.size == 0 for s in supervised):
+        raise ValueError("a candidate has no supervised token")
+    prefix = min([prefix] + [int(s[0]) + 1 for s in supervised])
+    if prefix < 1:
+        raise ValueError("the candidates' encodings share no prefix")
+    branches = [slice(prefix, int(s[-1]) + 1) for s in supervised]
+    for k, (m, b) in enumerate(zip(modality, branches, strict=True)):
+        if np.any(m[b] != TEXT):
+            raise ValueError(f"candidate {k}: its tokens after the shared prompt are not all TEXT")
+    length = prefix + sum(b.stop - b.start for b in branches)
+    row = {
+        "input_ids": np.zeros(length, np.int32),
+        "modality_ids": np.zeros(length, np.int32),
+        "positions": np.zeros(length, np.int32),
+        "branch": np.zeros(length, np.int32),
+        "targets": np.zeros((len(examples), length), np.int32),
+        "weights": np.zeros((len(examples), length), np.float32),
+        "pixel_values": np.asarray(examples[0]["pixel_values"], np.float32),
+    }
+    row["input_ids"][:prefix] = ids[0][:prefix]
+    row["modality_ids"][:prefix] = modality[0][:prefix]
+    row["positions"][:prefix] = np.arange(prefix)
+    start = prefix
+    for k, (e, b) in enumerate(zip(examples, branches, strict=True)):
+        n = b.stop - b.start
+        where = slice(start, start + n)
+        row["input_ids"][where] = ids[k][b]
+        row["modality_ids"][where] = TEXT
+        row["positions"][where] = np.arange(prefix, prefix + n)
+        row["branch"][where] = k + 1
+        row["targets"][k, prefix - 1] = e["targets"][prefix - 1]
+        row["weights"][k, prefix - 1] = e["weights"][prefix - 1]
+        row["targets"][k, where] = np.asarray(e["targets"])[b]
+        row["weights"][k, where] = np.asarray(e["weights"])[b]
+        start += n
+    return row
+
+
+def branch_attention_mask(modality_ids, branch, kind: str):
+    """The modality mask, restricted so that a branch sees the prefix (branch 0) and itself only."""
+    from aki_jax.mask import attention_mask
+
+    own = (branch[:, :, None] == branch[:, None, :]) | (branch[:, None, :] == 0)
+    return attention_mask(modality_ids, None, kind=kind) & own
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _batch_log_likelihoods(params, batch, *, model):
-    """The model on a padded batch -> per-row log-likelihood of its weighted targets f32[B].
+def _branch_log_likelihoods(params, batch, *, model):
+    """Shared-prefix rows -> per-candidate sum of log p(target) over its weighted positions f32[B, K].
 
     A module-level jit keyed on the (hashable) model, so every runner of one model shares compilations.
     """
+    mask = branch_attention_mask(batch["modality_ids"], batch["branch"], model.config.attention)
     logits = model.apply(
         {"params": params},
         batch["pixel_values"],
         batch["input_ids"],
         batch["modality_ids"],
-        batch["segment_ids"],
-        batch["positions"],
-    )
-    return row_log_likelihoods(logits, batch["targets"], batch["weights"])
+        positions=batch["positions"],
+        attention_mask=mask,
+    ).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+    picked = jnp.take_along_axis(logits, jnp.swapaxes(batch["targets"], 1, 2), axis=-1)  # [B, L, K]
+    return jnp.einsum("blk,bkl->bk", picked - log_z[..., None], batch["weights"])
 
 
 def local_rows(array) -> np.ndarray:
@@ -148,13 +213,43 @@ class ModelRunner:
             "pixel_values": np.zeros((0, s, s, 3), np.float32),
         }
 
-    def log_likelihoods(self, examples: list[dict]) -> np.ndarray:
-        """Sum of supervised-token log-probs of each example (one model call): f32[len(examples)]."""
-        batch = self._pad(examples, "right")
+    def log_likelihoods(self, rows: list[dict]) -> list[np.ndarray]:
+        """Candidate scores of each `shared_prefix_row` (one model call): f32[K] per row.
+
+        Rows are right-padded to a length that is a multiple of `length_multiple`, and the candidate
+        axis to a multiple of 4, both agreed by all processes (few compiled shapes).
+        """
+        longest = max((len(r["input_ids"]) for r in rows), default=1)
+        length = self.dist.max(math.ceil(longest / self.length_multiple) * self.length_multiple)
+        most = self.dist.max(max((len(r["targets"]) for r in rows), default=1))
+        candidates = math.ceil(most / 4) * 4
+        s = self.config.vision.image_size
+        b = self.rows_per_step
+        batch = {
+            "input_ids": np.full((b, length), self.processor.tokenizer.pad_token_id, np.int32),
+            "modality_ids": np.zeros((b, length), np.int32),  # PAD
+            "positions": np.zeros((b, length), np.int32),
+            "branch": np.full((b, length), -1, np.int32),
+            "targets": np.zeros((b, candidates, length), np.int32),
+            "weights": np.zeros((b, candidates, length), np.float32),
+            "pixel_values": np.zeros((b, 1, s, s, 3), np.float32),
+        }
+        batch["modality_ids"][:, 0] = TEXT  # unused rows: one token, so no row attends to nothing
+        batch["branch"][:, 0] = 0
+        for i, row in enumerate(rows):
+            n, k = len(row["input_ids"]), len(row["targets"])
+            for key in ("input_ids", "modality_ids", "positions", "branch"):
+                batch[key][i, :n] = row[key]
+            batch["targets"][i, :k, :n] = row["targets"]
+            batch["weights"][i, :k, :n] = row["weights"]
+            if len(row["pixel_values"]) > 1:
+                raise ValueError(f"a scoring row holds {len(row['pixel_values'])} images; at most 1 is supported")
+            batch["pixel_values"][i, : len(row["pixel_values"])] = row["pixel_values"]
         self.calls += 1
         with self._context():
-            scores = _batch_log_likelihoods(self.params, self._place(batch), model=self.model)
-        return local_rows(scores)[: len(examples)]
+            scores = _branch_log_likelihoods(self.params, self._place(batch), model=self.model)
+        scores = local_rows(scores)
+        return [scores[i, : len(row["targets"])] for i, row in enumerate(rows)]
 
     def generate(self, examples: list[dict]) -> list[list[int]]:
         """Greedy continuation token ids of each prompt example, cut before the first stop token."""
@@ -189,8 +284,8 @@ class Prepared:
     """An item ready to run: its preprocessed image and the examples of its rows."""
 
     item: Item
-    examples: list[dict]
-    labels: list[str]  # candidate labels (likelihood rows); empty for a generation row
+    examples: list[dict]  # one: a `shared_prefix_row` (likelihood) or a prompt example (generation)
+    labels: list[str]  # candidate labels (likelihood); empty for generation
 
 
 class EvaluationScorer:
@@ -227,9 +322,7 @@ class EvaluationScorer:
         return self.mode == "likelihood" and item.task != "vqa"
 
     def item_rows(self, item: Item) -> int:
-        if self._uses_likelihood(item):
-            return len(prompts.candidate_answers(item, self.continuation))
-        return 1
+        return 1  # likelihood: all candidates in one shared-prefix row
 
     def prepare(self, item: Item) -> Prepared:
         processor = self.runner.processor
@@ -252,7 +345,7 @@ class EvaluationScorer:
                     processor.sft_example([user, {"role": "assistant", "content": text}], pixel_values=pixel_values)
                     for _, text in pairs
                 ]
-                return Prepared(item, examples, [label for label, _ in pairs])
+                return Prepared(item, [shared_prefix_row(examples)], [label for label, _ in pairs])
             return Prepared(item, [processor.prompt_example([user], pixel_values=pixel_values)], [])
         except ValueError as e:
             raise ItemFailed(f"prompt could not be encoded: {e}") from None
@@ -266,7 +359,7 @@ class EvaluationScorer:
         if agree(int(bool(scored))):
             values = self.runner.log_likelihoods([p.examples[r] for p, r in scored])
             for (p, r), v in zip(scored, values, strict=True):
-                results[id(p), r] = float(v)
+                results[id(p), r] = [float(x) for x in v]
         if agree(int(bool(generated))):
             texts = self.runner.generate([p.examples[0] for p, _ in generated])
             for (p, r), ids in zip(generated, texts, strict=True):
@@ -276,7 +369,7 @@ class EvaluationScorer:
     def finish(self, item: Item, outputs: list[Any]) -> dict:
         if self._uses_likelihood(item):
             labels = [label for label, _ in prompts.candidate_answers(item, self.continuation)]
-            scores = dict(zip(labels, outputs, strict=True))
+            scores = dict(zip(labels, outputs[0], strict=True))
             best = max(labels, key=lambda label: (scores[label], -labels.index(label)))
             return {"prediction": best, "log_likelihoods": scores}
         text = self.runner.processor.tokenizer.decode(outputs[0])
