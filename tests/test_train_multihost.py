@@ -65,7 +65,7 @@ def _free_address() -> str:
         return f"localhost:{s.getsockname()[1]}"
 
 
-def launch(argv: list[str], cache: Path, processes: int = 2) -> list[subprocess.CompletedProcess]:
+def launch(argv: list[str], cache: Path, processes: int = 2, env_extra=None) -> list[subprocess.CompletedProcess]:
     """Run `python <argv>` as `processes` JAX processes (2 devices each; 4 devices when alone)."""
     if processes == 1:
         done = subprocess.run(
@@ -77,6 +77,7 @@ def launch(argv: list[str], cache: Path, processes: int = 2) -> list[subprocess.
     for p in range(processes):
         env = _env(cache, 2)
         env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(p))
+        env.update(env_extra or {})
         running.append(
             subprocess.Popen(
                 [sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -89,8 +90,8 @@ def launch(argv: list[str], cache: Path, processes: int = 2) -> list[subprocess.
     return out
 
 
-def train(run_dir: Path, cache: Path, *extra: str, processes: int = 2) -> list[subprocess.CompletedProcess]:
-    return launch([str(ROOT / "train.py"), *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes)
+def train(run_dir: Path, cache: Path, *extra: str, processes: int = 2, env=None) -> list[subprocess.CompletedProcess]:
+    return launch([str(ROOT / "train.py"), *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes, env)
 
 
 def assert_ok(runs, code: int = 0):
@@ -170,6 +171,24 @@ def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, ca
         assert got == expected
         seen += [i for step in sorted(got) for i in got[step]]
     assert len(seen) == len(set(seen)) == steps * 8  # 4 rows per process per step, none twice or on both
+
+
+def test_without_the_preemption_service_a_one_host_sigterm_still_stops_both(tmp_path, cache):
+    """JAX's preemption service off: the SIGTERM flag is all-gathered each step, so both stop at that step."""
+    runs = train(
+        tmp_path / "run",
+        cache,
+        "synthetic_data=true",
+        "steps=6",
+        "fault.sigterm_at_step=2",
+        "fault.process=1",
+        env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"},
+    )
+    assert_ok(runs)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    assert "SIGTERM: saving checkpoint at step 2 before exiting" in runs[0].stdout
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    assert "preemption sync point" not in runs[0].stderr + runs[1].stderr  # the service really was off
 
 
 STATES = """
