@@ -228,7 +228,18 @@ def load_params(directory: str, model_config, param_shardings):
     expected = jax.tree.map(lambda s: s.shape, param_shardings_shapes(model_config))
     got = jax.tree.map(lambda x: x.shape, params)
     if expected != got:
-        raise ValueError(f"--init-from {directory}: its parameter shapes do not match the configured model")
+        flat_expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+        flat_got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
+        differ = [
+            f"{k}: {flat_got.get(k, 'missing')} saved, {flat_expected.get(k, 'absent')} configured"
+            for k in sorted(flat_expected.keys() | flat_got.keys())
+            if flat_expected.get(k) != flat_got.get(k)
+        ]
+        raise ValueError(
+            f"--init-from {directory}: its parameter shapes do not match the configured model "
+            f"({len(differ)} differ, e.g. {'; '.join(differ[:3])}); use the folder's own model settings "
+            f"(its aki_config.json)"
+        )
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings)
 
 
