@@ -55,9 +55,11 @@ def _body(argv: list[str]) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
 
+    from aki_jax.sharding import finish_distributed
     from aki_jax.training.loop import train
 
     train(config)
+    finish_distributed("aki-train-finished")  # multi-host: all processes agree before teardown
     return 0
 
 

@@ -200,17 +200,12 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
 
 def _initial_state(config: TrainConfig, optimizer, abstract, shardings, checkpointer: Checkpointer, data):
     """(state, first step): restored from the latest checkpoint, or initialised (randomly / from --init-from)."""
-    latest = checkpointer.latest_step()
-    if config.resume and latest is not None:
-        state, data_state = checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+    resumed = checkpointer.resume(abstract_with_shardings(abstract, shardings), config.resume)
+    if resumed is not None:
+        state, data_state, step = resumed
         data.train.set_state(data_state)
-        log.info("resumed from step %d", latest)
-        return state, int(latest)
-    if latest is not None and not config.resume:
-        raise FileExistsError(
-            f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass --resume to continue "
-            f"or choose another checkpoint.dir"
-        )
+        log.info("resumed from step %d", step)
+        return state, int(step)
     model_config = config.model
     if config.init_from:
         params = load_params(config.init_from, model_config, shardings["params"])
