@@ -185,7 +185,14 @@ def load_params(path: str | Path, config: AKIConfig, dtype=None, sharding=None):
     """Restore the param tree at `path`, checked against `config`'s shapes, cast to `dtype`, placed by `sharding`."""
     from aki_jax.model import abstract_params
 
-    saved = params_metadata(path)
+    try:
+        saved = params_metadata(path)
+    except Exception as e:  # Orbax / TensorStore raise many types for a missing or damaged checkpoint
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(
+            f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete "
+            f"({type(e).__name__}: {lines[0][:200] if lines else ''})"
+        ) from e
     expected, _ = abstract_params(config)
     problems = []
     for p, leaf in jax.tree_util.tree_leaves_with_path(expected):

@@ -38,7 +38,13 @@ def _body(argv: list[str]) -> int:
 
     if not Path(args.config).is_file():
         raise UsageError(f"--config {args.config}: no such file (a Python file defining get_config())")
-    config = load_config_file(args.config)  # an error inside the config file is a failure (exit 1)
+    try:
+        config = load_config_file(args.config)
+    except (ValueError, TypeError) as e:  # messages that already name the file
+        raise ValueError(str(e)) from e
+    except Exception as e:  # an error inside the user's config file: a failure (exit 1) naming the file
+        line = f", line {e.lineno}" if isinstance(e, SyntaxError) and e.lineno else ""
+        raise ValueError(f"--config {args.config}{line}: {type(e).__name__}: {e}") from e
     try:
         config = apply_overrides(config, args.overrides)
     except (ValueError, TypeError) as e:  # an unknown key, a value of the wrong type, a value out of range
