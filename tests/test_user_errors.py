@@ -196,15 +196,16 @@ def test_generate_usage_mistakes_exit_2(pretrained, capsys, case):
 
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
-    """A released-style folder (model.safetensors + config.json) of the tiny reference, and an aki config."""
-    from safetensors.torch import save_file
+    """A folder shaped like a released checkpoint (model.safetensors + config.json) and an aki config.
 
-    from aki_jax.testing.torch_reference import AKIReference
+    Its tensors are not AKI's: every case here is refused before the keys are matched (the successful
+    run is an export, below).
+    """
+    from safetensors.numpy import save_file
 
     root = tmp_path_factory.mktemp("released")
-    tensors = {k: v.detach().clone().contiguous() for k, v in AKIReference(CONFIG).state_dict().items()}
     (root / "src").mkdir()
-    save_file(tensors, root / "src" / "model.safetensors", metadata={"format": "pt"})
+    save_file({"w": np.arange(4096, dtype=np.float32)}, str(root / "src" / "model.safetensors"))
     (root / "src" / "config.json").write_text(json.dumps({"pad_token_id": CONFIG.pad_token_id}))
     CONFIG.to_json(root / "aki_config.json")
     return root / "src", root / "aki_config.json"
@@ -276,27 +277,29 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_temporary_folders_of_a_killed_conversion_are_removed_on_the_next_run(tmp_path, released, capsys):
-    dst = tmp_path / "aki-jax"
+def test_temporary_folders_of_a_killed_conversion_are_removed_on_the_next_run(tmp_path, pretrained, capsys):
+    dst = tmp_path / "aki-torch"
     host = socket.gethostname()
-    stale = tmp_path / f".aki-jax.converting-{_dead_pid()}@{host}@abc"
+    stale = tmp_path / f".aki-torch.converting-{_dead_pid()}@{host}@abc"  # SIGKILLed mid-write
     (stale / "params").mkdir(parents=True)
     (stale / "params" / "big").write_bytes(b"0" * 1000)
-    alive = tmp_path / f".aki-jax.converting-{os.getpid()}@{host}@def"  # a conversion still running
-    elsewhere = tmp_path / ".aki-jax.exporting-123@another-host@ghi"
-    legacy = tmp_path / ".aki-jax.converting-xyz123"
+    stale_old = tmp_path / f".aki-torch.old-{_dead_pid()}@{host}@x"  # killed while replacing an older dst
+    alive = tmp_path / f".aki-torch.converting-{os.getpid()}@{host}@def"  # a conversion still running
+    elsewhere = tmp_path / ".aki-torch.exporting-123@another-host@ghi"
+    legacy = tmp_path / ".aki-torch.converting-xyz123"
     unrelated = tmp_path / ".other.converting-1@x@y"
-    for folder in (alive, elsewhere, legacy, unrelated):
+    for folder in (stale_old, alive, elsewhere, legacy, unrelated):
         folder.mkdir()
-    assert convert_main(convert_args(released, dst)) == 0
+    assert export_main(["--src", str(pretrained[0]), "--dst", str(dst)]) == 0  # exports share the temp folders
     out = capsys.readouterr().out
-    assert not stale.exists() and f"removed {stale}" in out
+    assert not stale.exists() and f"removed {stale}: left by an interrupted run" in out
+    assert not stale_old.exists() and f"removed {stale_old}" in out
     assert alive.exists() and f"left {alive} alone (process {os.getpid()} is still running)" in out
     assert elsewhere.exists() and "made on host another-host" in out
     assert legacy.exists() and f"left {legacy} alone (made by an older version)" in out
     assert unrelated.exists() and str(unrelated) not in out
-    assert (dst / "aki_config.json").is_file()
-    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".aki-jax."))
+    assert (dst / "model.safetensors").is_file()
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".aki-torch."))
     assert leftovers == sorted(p.name for p in (alive, elsewhere, legacy))  # the run's own temp folder is gone
     removed, kept = clean_stale_temp_dirs(dst, log=lambda m: None)
     assert removed == [] and len(kept) == 3
