@@ -68,8 +68,11 @@ class Init:
     def draw(self, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
         if self.kind == "normal":
             return rng.standard_normal(shape, dtype=np.float32) * np.float32(self.scale)
-        if self.kind == "uniform":
-            return rng.uniform(-self.scale, self.scale, shape).astype(np.float32)
+        if self.kind == "uniform":  # U[0, 1) in float32 (twice as fast as float64), moved to [-scale, scale)
+            x = rng.random(shape, dtype=np.float32)
+            x *= np.float32(2 * self.scale)
+            x -= np.float32(self.scale)
+            return x
         return (np.ones if self.kind == "ones" else np.zeros)(shape, np.float32)
 
 
