@@ -158,7 +158,7 @@ def main() -> None:
         print(f"wrote synthetic towers: {tower_bytes / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s", flush=True)
         copy_s = plain_copy(files, work / "copy")
         argv = ["-m", "aki_jax.cli.init_from_towers", "--vision", str(work / "siglip"), "--lm", str(work / "phi3")]
-        init_s, init_rss = run_child([*argv, "--dst", str(work / "aki")])
+        init_s, init_rss = run_child([*argv, "--dst", str(work / "aki"), "--dtype", args.dtype])
         report = json.loads((work / "aki" / "init_report.json").read_text())
         result = {
             "benchmark": "init_from_towers",

@@ -22,8 +22,9 @@ def _body(argv: list[str]) -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: --lm)")
     parser.add_argument("--dst", required=True, help="output pretrained folder (must not exist or be empty)")
     parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], help="parameter dtype (default: the towers')"
-    )
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+        help="parameter dtype (default float32, the original's master weights)",
+    )  # fmt: skip
     parser.add_argument("--num-latents", type=int, help="resampler latents = image tokens per image (default 144)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the newly initialised parameters (default 0)")
     parser.add_argument("--compress", action="store_true", help="zstd-compress the Orbax arrays (slower)")

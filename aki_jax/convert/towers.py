@@ -253,13 +253,6 @@ class TowersReport:
     seconds: float
 
 
-def _tensor_dtype(tensors: Mapping, key: str) -> np.dtype:
-    dtype_of = getattr(tensors, "dtype", None)
-    if callable(dtype_of):
-        return np.dtype(dtype_of(key))
-    return np.dtype(tensors[key].dtype)
-
-
 def _check_tower_tensors(tower: Tower, kind: str, config: AKIConfig) -> list[str]:
     """Refuse missing, surplus or misshapen tower tensors (naming the file); returns the ignored keys."""
     expected = expected_torch_shapes(config)
@@ -359,7 +352,7 @@ def init_from_towers(
     lm: str | Path,
     dst: str | Path,
     tokenizer: str | Path | None = None,
-    dtype: str | None = None,
+    dtype: str = "float32",
     num_latents: int | None = None,
     seed: int = 0,
     resampler: ResamplerConfig | None = None,
@@ -371,8 +364,8 @@ def init_from_towers(
 
     vision: a SigLIP folder (`SiglipModel` or `SiglipVisionModel`); lm: a `Phi3ForCausalLM` folder; each
     with `model.safetensors` or shards + `model.safetensors.index.json`. tokenizer: its folder (default `lm`).
-    dtype: of every parameter ("float32", "bfloat16", ...); None keeps the towers' dtype when both agree,
-    else float32 (the original builds both towers in float32). num_latents: resampler latents (default 144).
+    dtype: of every parameter, "float32" by default as in the original (which builds both towers in float32 and
+    trains fp32 master weights); "bfloat16" halves the folder. num_latents: resampler latents (default 144).
     seed: the draws of the new parameters. resampler: a whole ResamplerConfig instead of the original's.
     """
     start = time.perf_counter()
@@ -391,11 +384,6 @@ def init_from_towers(
 
     inits = new_parameter_inits(config, float(lm_tower.config.get("initializer_range") or PHI3_INITIALIZER_RANGE))
     state = _InitialState([vision_tower, lm_tower], inits, config, seed)
-    if dtype is None:
-        dtypes = {_tensor_dtype(tower.tensors, own) for tower, own in state.sources()}  # from the headers
-        dtype = next(iter(dtypes)).name if len(dtypes) == 1 else "float32"
-        if len(dtypes) > 1:
-            log(f"the towers' dtypes differ ({sorted(d.name for d in dtypes)}): writing float32 (--dtype to choose)")
     dtype = as_dtype(dtype).name
     config = config.replace(param_dtype=dtype)
     text_tower = [k for k in ignored if not k.startswith("vision_model.head.")]
