@@ -184,7 +184,13 @@ def is_mme(records) -> bool:
 
 
 def benchmark_scores(records, read_errors: int = 0) -> dict:
-    """All scores of one benchmark from its merged records (sorted or not)."""
+    """All scores of one benchmark from its merged records (sorted or not).
+
+    Records marked `unreadable` (an image that stopped decoding after the file was read) are left out
+    of everything but `unreadable` / `unreadable_indices`, like the rows the reader skipped.
+    """
+    unreadable = [r["index"] for r in records if r.get("unreadable")]
+    records = [r for r in records if not r.get("unreadable")]
     scored = [r for r in records if r["score"] is not None]
     unparsed = [r["index"] for r in records if r["prediction"] is None and not r.get("error")]
     result = {
@@ -195,6 +201,8 @@ def benchmark_scores(records, read_errors: int = 0) -> dict:
         "unparsed_indices": unparsed,
         "failed": sum(bool(r.get("error")) for r in records),
         "read_errors": read_errors,
+        "unreadable": len(unreadable),
+        "unreadable_indices": unreadable,
         "accuracy": _mean(r["score"] for r in scored),
     }
 
