@@ -264,8 +264,9 @@ def markdown_table(results: dict) -> str:
         elif "pope" in s:
             p = s["pope"]["overall"]
             extra.append(f"POPE F1 {_fmt(p['f1'])}, precision {_fmt(p['precision'])}, recall {_fmt(p['recall'])}")
-        if s["unparsed"] or s["failed"] or s["read_errors"]:
-            extra.append(f"unparsed {s['unparsed']}, failed {s['failed']}, bad rows {s['read_errors']}")
+        skipped = s["read_errors"] + s.get("unreadable", 0)
+        if s["unparsed"] or s["failed"] or skipped:
+            extra.append(f"unparsed {s['unparsed']}, failed {s['failed']}, skipped (unreadable) {skipped}")
         lines.append(
             f"| {name} | {r['mode']} | {s['items']} | {s['scored']} | {_fmt(s['accuracy'])} | {'; '.join(extra)} |"
         )
