@@ -203,3 +203,13 @@ def test_an_image_that_stops_decoding_after_reading_is_skipped_not_scored(tmp_pa
     scores = job.evaluate([bench], RecordingScorer(load_images=True), tmp_path / "out", progress=False)["yn"]["scores"]
     assert (scores["unreadable"], scores["unreadable_indices"]) == (1, [1])
     assert (scores["items"], scores["scored"], scores["failed"], scores["accuracy"]) == (1, 1, 0, 0.0)
+
+
+def test_evaluate_command_reports_unusable_files_in_one_line_with_exit_1(tmp_path, capsys):
+    from aki_jax.cli.evaluate import main
+
+    for name, needle in _file_cases(tmp_path).items():
+        argv = ["--checkpoint", str(tmp_path / "no-checkpoint"), "--benchmark", str(tmp_path / name)]
+        assert main(argv + ["--output", str(tmp_path / "out"), "--no-progress"]) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / name}: ") and needle in err[0], err
