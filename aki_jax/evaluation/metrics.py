@@ -264,6 +264,8 @@ def markdown_table(results: dict) -> str:
         elif "pope" in s:
             p = s["pope"]["overall"]
             extra.append(f"POPE F1 {_fmt(p['f1'])}, precision {_fmt(p['precision'])}, recall {_fmt(p['recall'])}")
+            if s["pope"].get("shared_rows"):
+                extra.append(f"{s['pope']['shared_rows']} rows in several splits")
         skipped = s["read_errors"] + s.get("unreadable", 0)
         if s["unparsed"] or s["failed"] or skipped:
             extra.append(f"unparsed {s['unparsed']}, failed {s['failed']}, skipped (unreadable) {skipped}")

@@ -1,5 +1,8 @@
 """Image loading and preprocessing: any PIL-readable image -> f32[S, S, 3] in [-1, 1].
 
+`open_image` is the one image opener of aki-jax (training records, benchmark items, preprocessing): it
+decodes fully, refuses decompression bombs, converts to RGB, and raises `ImageError` naming the source.
+
 The original (torchvision) pipeline is `Resize((S, S), BICUBIC, antialias=True)` on the PIL image,
 `convert("RGB")`, `ToTensor()` (x / 255) and `Normalize(0.5, 0.5)`. For RGB (and RGBA, L) images this
 module computes exactly that: PIL's bicubic resize (always antialiased), then (x / 255 - 0.5) / 0.5.
