@@ -82,6 +82,7 @@ def test_training_records_skip_bad_images_as_bad_samples(tmp_path):
         (_truncated_png(), "bad_image"),
         (str(tmp_path / "bomb.png"), "bad_image"),
         (str(tmp_path / "missing.png"), "missing_image"),
+        (np.zeros((4, 4, 2), np.uint8), "bad_image"),  # two channels: no such image
     ):
         example = records.chat_example("src", "file:3", [ref], records.question_answer("q", "a"))
         bad = records.decode_images(example)

@@ -49,7 +49,10 @@ def open_image(image: ImageLike, *, name: str | None = None, keep_mode: bool = F
     above twice that) before anything is decoded.
     """
     if isinstance(image, np.ndarray):
-        image = Image.fromarray(_array_to_uint8(image))
+        try:
+            image = Image.fromarray(_array_to_uint8(image))
+        except ValueError as e:
+            raise ImageError(f"{name or 'image array'}: {e}") from None
     elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
         is_bytes = isinstance(image, (bytes, bytearray, memoryview))
         name = name or ("image bytes" if is_bytes else str(image))
