@@ -7,12 +7,12 @@ The paper's whole recipe is four commands: towers -> pretraining (this file) -> 
   aki-init-from-towers --vision /ckpt/siglip-so400m-patch14-384 --lm /ckpt/Phi-3.5-mini-instruct \\
       --dst /ckpt/aki-4b-init
   # 2. pretrain on captions (this config); the run exports runs/aki4b_pretrain/model at the end
-  python train.py --config configs/aki4b_pretrain.py --init-from /ckpt/aki-4b-init \\
+  aki-train --config configs/aki4b_pretrain.py --init-from /ckpt/aki-4b-init \\
       'data.sources=[{"kind": "webdataset", "path": "/data/kale/{00000..09999}.tar"}]'
   # 3. supervised fine-tuning (configs/aki4b_sft.py)
-  python train.py --config configs/aki4b_sft.py --init-from runs/aki4b_pretrain/model
+  aki-train --config configs/aki4b_sft.py --init-from runs/aki4b_pretrain/model
   # 4. evaluate the fine-tuned model
-  python tools/evaluate.py --checkpoint runs/aki4b_sft/model --benchmark MMBench_DEV_EN.tsv
+  aki-evaluate --checkpoint runs/aki4b_sft/model --benchmark MMBench_DEV_EN.tsv
 
 The `--init-from` folder carries its tokenizer (with `<pad>`, `<image>`, `<|endofchunk|>`), which the run
 uses unless `tokenizer=` says otherwise. Next-token loss on captions (BLIP3-Kale, BLIP3-OCR-200m webdataset

@@ -20,7 +20,6 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from torch_reference import phi3_config
 from transformers import Phi3ForCausalLM, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
 import aki_jax
@@ -30,6 +29,7 @@ from aki_jax.convert.mapping import TABLE, params_to_torch, torch_keys
 from aki_jax.convert.towers import draw_parameter, init_from_towers, new_parameter_inits
 from aki_jax.mask import TEXT
 from aki_jax.processing.tokenizer import END_OF_CHUNK_TOKEN, IMAGE_TOKEN, load_tokenizer
+from aki_jax.testing.torch_reference import phi3_config
 
 TINY = aki_jax.tiny()
 SHARD = "60KB"  # forces several shards for both tiny towers
