@@ -347,11 +347,10 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(towers, tmp_path, capsys
 
 @pytest.mark.slow
 def test_training_starts_from_the_folder_and_its_loss_falls(towers, tmp_path):
-    import dataclasses
-
+    """`aki-train --config configs/tiny_digits.py --init-from FOLDER`: the towers have tiny()'s shapes, so the
+    digits job's model is this folder's; its tokenizer (the digits one, passed as --tokenizer) comes along."""
+    from aki_jax.cli.train import main as train_main
     from aki_jax.data import digits_tokenizer
-    from aki_jax.training.config import load_config_file
-    from aki_jax.training.loop import train
 
     root, _, _ = towers
     digits_tokenizer(tmp_path / "tokenizer")
@@ -359,26 +358,15 @@ def test_training_starts_from_the_folder_and_its_loss_falls(towers, tmp_path):
     init_from_towers(
         root / "siglip", root / "phi3", dst, tokenizer=tmp_path / "tokenizer", resampler=TINY.resampler, **quiet
     )
-    base = load_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny_digits.py")
-    config = dataclasses.replace(
-        base,
-        model=aki_jax.AKIConfig.from_json(dst / "aki_config.json"),
-        init_from=str(dst),
-        data=dataclasses.replace(base.data, batch_size=8),
-        optim=dataclasses.replace(base.optim, warmup_steps=2, total_steps=16),
-        checkpoint=dataclasses.replace(
-            base.checkpoint, dir=str(tmp_path / "run"), every_steps=1000, export_pretrained=False
-        ),
-        logging=dataclasses.replace(
-            base.logging, every_steps=1, progress_bar=False, tensorboard=False, plot=False, peak_flops_per_device=1e12
-        ),
-        eval=dataclasses.replace(base.eval, every_steps=1000, max_batches=1),
-    )
-    train(config)
-    losses = [
-        r["loss"]
-        for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-        if r["split"] == "train"
-    ]
+    overrides = [
+        "steps=16", "optim.warmup_steps=2", "data.batch_size=8", f"checkpoint.dir={tmp_path / 'run'}",
+        "checkpoint.every_steps=1000", "checkpoint.export_pretrained=false", "logging.every_steps=1",
+        "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
+        "logging.peak_flops_per_device=1e12", "eval.every_steps=1000", "eval.max_batches=1",
+    ]  # fmt: skip
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny_digits.py"
+    assert train_main(["--config", str(config), "--init-from", str(dst), *overrides]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["split"] == "train"]
     assert len(losses) == 16
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:2])
