@@ -109,9 +109,9 @@ def _forward_kernel(q_ref, k_ref, v_ref, ks_ref, ke_ref, qs_ref, qe_ref, o_ref, 
         jnp.zeros((bq,), jnp.float32),
         jnp.zeros(q.shape, jnp.float32),
     )
-    m, l, acc = lax.fori_loop(first, last, body, init)
-    seen = l > 0
-    safe = jnp.where(seen, l, 1.0)
+    m, row_sum, acc = lax.fori_loop(first, last, body, init)
+    seen = row_sum > 0
+    safe = jnp.where(seen, row_sum, 1.0)
     o_ref[...] = (acc / safe[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe), 0.0)
 

@@ -108,9 +108,9 @@ def _forward_kernel(
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = l_sc[...]
-        seen = l > 0
-        safe = jnp.where(seen, l, 1.0)
+        row_sum = l_sc[...]
+        seen = row_sum > 0
+        safe = jnp.where(seen, row_sum, 1.0)
         o_ref[...] = (acc_sc[...] / safe).astype(o_ref.dtype)
         lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(safe), 0.0)
 
