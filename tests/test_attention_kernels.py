@@ -234,3 +234,66 @@ def test_prefill_ranges_placed_in_a_longer_cache_match_the_placed_mask():
 
     got, placed = both(*_fixed_layout(), 3)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(placed))
+
+
+def _model_batch(config, batch_size=4, length=24):
+    from aki_jax.training.synthetic import SyntheticBatches
+
+    batch = next(SyntheticBatches(config, batch_size, length, images_per_row=1, seed=3))
+    batch.pop("example_ids")
+    image_end = config.image_token_count
+    batch["modality_ids"][:, image_end : image_end + 3] = QUERY  # the question the image may read
+    batch["segment_ids"][1, 16:] = np.where(batch["modality_ids"][1, 16:] != PAD, 2, 0)  # a packed row
+    return batch
+
+
+@pytest.mark.slow
+def test_model_forward_prefill_and_sharded_train_step_with_a_kernel_equal_the_default_path():
+    import dataclasses
+
+    import aki_jax
+    from aki_jax import sharding as S
+    from aki_jax.decoder import init_cache
+    from aki_jax.model import AKI, init_params
+    from aki_jax.training.config import OptimizerConfig
+    from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from aki_jax.training.state import init_state, state_shardings
+    from aki_jax.training.step import make_train_step
+
+    dense = aki_jax.tiny()
+    kernel = dataclasses.replace(dense, attention_impl="pallas_gpu_interpret")
+    batch = _model_batch(dense)
+    params = init_params(dense, jax.random.key(0))
+    inputs = (batch["pixel_values"], batch["input_ids"], batch["modality_ids"], batch["segment_ids"])
+
+    def logits(config):
+        return jax.jit(lambda p: AKI(config).apply({"params": p}, *inputs))(params)
+
+    assert relative_error(logits(kernel), logits(dense)) <= 1e-5
+
+    def prefill(config):
+        cache = init_cache(config, 4, 30)
+        return jax.jit(lambda p, c: AKI(config).apply({"params": p}, *inputs[:3], cache=c, cache_index=0))(params, cache)
+
+    (got, got_cache), (want, want_cache) = prefill(kernel), prefill(dense)
+    assert relative_error(got, want) <= 1e-5 and relative_error(got_cache["key"], want_cache["key"]) <= 1e-6
+
+    optim = OptimizerConfig(lr=1e-2, min_lr=1e-3, warmup_steps=0, total_steps=10, eps=1e-4)
+    mesh_config = S.MeshConfig(data=2, fsdp=2, tensor=2)  # batch over data x fsdp, heads over tensor
+    mesh, rules = S.make_mesh(mesh_config), S.logical_rules(mesh_config)
+    optimizer = make_optimizer(optim)
+    initial = jax.device_get(init_state(dense, optimizer, seed=0))
+
+    def one_step(config):
+        _, shardings = state_shardings(config, optimizer, mesh, rules)
+        state = jax.device_put(jax.tree.map(np.array, initial), shardings)
+        batch_shardings = {k: S.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
+        step = make_train_step(config, optimizer, learning_rate_schedule(optim), 1, shardings, batch_shardings)
+        with S.activation_context(mesh, rules):
+            state, metrics = step(state, S.make_global_batch(batch, mesh, rules))
+        return jax.device_get(state), jax.device_get(metrics)
+
+    (state_k, metrics_k), (state_d, metrics_d) = one_step(kernel), one_step(dense)
+    assert abs(float(metrics_k["loss"]) - float(metrics_d["loss"])) <= 1e-5 * abs(float(metrics_d["loss"]))
+    for a, b in zip(jax.tree.leaves(state_k), jax.tree.leaves(state_d), strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-4, atol=1e-6)
