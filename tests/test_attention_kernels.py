@@ -275,7 +275,9 @@ def test_model_forward_prefill_and_sharded_train_step_with_a_kernel_equal_the_de
 
     def prefill(config):
         cache = init_cache(config, 4, 30)
-        return jax.jit(lambda p, c: AKI(config).apply({"params": p}, *inputs[:3], cache=c, cache_index=0))(params, cache)
+        return jax.jit(lambda p, c: AKI(config).apply({"params": p}, *inputs[:3], cache=c, cache_index=0))(
+            params, cache
+        )
 
     (got, got_cache), (want, want_cache) = prefill(kernel), prefill(dense)
     assert relative_error(got, want) <= 1e-5 and relative_error(got_cache["key"], want_cache["key"]) <= 1e-6
@@ -299,3 +301,20 @@ def test_model_forward_prefill_and_sharded_train_step_with_a_kernel_equal_the_de
     assert abs(float(metrics_k["loss"]) - float(metrics_d["loss"])) <= 1e-5 * abs(float(metrics_d["loss"]))
     for a, b in zip(jax.tree.leaves(state_k), jax.tree.leaves(state_d), strict=True):
         np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=1e-4, atol=1e-6)
+
+
+def test_inside_a_mesh_the_kernel_runs_under_shard_map_with_batch_and_heads_split():
+    from aki_jax import sharding as S
+
+    mesh_config = S.MeshConfig(data=2, fsdp=2, tensor=2)
+    mesh, rules = S.make_mesh(mesh_config), S.logical_rules(mesh_config)
+    ranges, _, _ = _ranges_and_mask(*_fixed_layout(), "mma")
+    q, k, v, _ = _qkv(jnp.float32, b=4)
+    ranges = AttentionRanges(*(jnp.concatenate([x, x]) for x in ranges))
+
+    def attend(q, k, v, ranges):
+        return dot_product_attention(q, k, v, ranges, implementation=KERNELS[-1], blocks=BLOCKS)
+
+    with S.activation_context(mesh, rules):
+        jaxpr = str(jax.make_jaxpr(attend)(q, k, v, ranges))
+    assert "shard_map" in jaxpr and "('data', 'fsdp')" in jaxpr and "'tensor'" in jaxpr
