@@ -32,7 +32,7 @@ if [ -n "$kernel" ]; then
   echo "== 1. kernel tests, native ($kernel)"
   if "$PY" -c 'import pytest, hypothesis' 2>/dev/null; then
     JAX_PLATFORMS=$platforms AKI_ATTENTION_KERNELS=$kernel timeout 100 "$PY" -m pytest -q -p no:cacheprovider \
-      tests/test_attention_kernels.py -k "kernel and not model" || status=1
+      tests/test_attention_kernels.py -k "output_and_gradients or bfloat16 or phi35 or pad_queries or bool_mask" || status=1
   else
     echo "pytest/hypothesis not installed: the native parity run below stands in for the tests"
   fi
