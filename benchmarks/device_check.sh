@@ -15,7 +15,7 @@ OUT="${OUT:-/tmp/aki-device-check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OUT
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 status=0
 exec > >(tee "$OUT/device_check.log") 2>&1
 
