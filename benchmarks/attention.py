@@ -255,6 +255,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=8, help="rows per layout for the tile counts")
     parser.add_argument("--time", action="store_true", help="time fwd+bwd on this machine's accelerator")
     parser.add_argument("--parity", action="store_true", help="kernel vs dense errors (native on an accelerator)")
+    parser.add_argument("--parity-kernel", default=None, help="e.g. pallas_tpu_interpret (default: this backend's)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the timed calls")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="directory for attention.json")
     args = parser.parse_args()
@@ -270,7 +271,7 @@ def main() -> int:
             f"{r['causal_flash_gpu']:>10.3f} {r['causal_flash_tpu']:>10.3f} {r['dense']:>5.1f} "
             f"{r['mask_bytes_dense_per_row'] / 2**20:>8.1f}MB {r['mask_bytes_ranges_per_row'] / 2**10:>6.0f}KB"
         )
-    parity = parity_table() if args.parity else []
+    parity = parity_table(args.parity_kernel) if args.parity else []
     timings = timing_table(args.lengths, args.batch) if args.time else []
     for r in timings:
         cells = " ".join(f"{k}={v:.3g}" for k, v in r.items() if k.endswith(("_ms", "_tflops", "_over_causal", "_mma")))
