@@ -79,7 +79,12 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                         top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (sampling, 1: off)")
                         seed = gr.Number(value=0, precision=0, label="Seed (sampling)")
                     max_new_tokens = gr.Slider(
-                        1, min(limit, 1024), value=min(DEFAULT_MAX_NEW_TOKENS, limit), step=1, label="Max new tokens"
+                        1,
+                        min(limit, 1024),
+                        value=min(DEFAULT_MAX_NEW_TOKENS, limit),
+                        step=1,
+                        label="Max new tokens",
+                        elem_id="max-new-tokens",
                     )
                 ask = gr.Button("Ask", variant="primary", elem_id="ask")
             with gr.Column():

@@ -103,4 +103,4 @@ def layout_summary(modality_ids, mma_only: int) -> str:
     counts = ", ".join(
         f"{int((ids == m).sum())} {MODALITY_NAMES[m]}" for m in (TEXT, IMAGE, QUERY, PAD) if (ids == m).any()
     )
-    return f"{len(ids)} tokens ({counts}); MMA lets image tokens read {mma_only} query positions that causal hides"
+    return f"{len(ids)} tokens ({counts}); MMA opens {mma_only} image-to-query pairs that causal attention closes"
