@@ -12,6 +12,8 @@ from aki_jax.serving.views import (
     MMA_ONLY_COLOR,
     MODALITY_COLORS,
     OPEN_COLOR,
+    STRIP_ROWS,
+    cell_size,
     mask_picture,
     modality_strip,
     model_view,
@@ -38,7 +40,8 @@ def as_mask(grid):
 def test_the_mma_picture_shows_the_worked_example_of_the_mask_docstring():
     ids = np.array([T, V, V, Q, Q, T])
     view = model_view(ids)
-    cell = view["strip"].shape[0]
+    cell = cell_size(6)
+    assert view["strip"].shape == (STRIP_ROWS * cell, 6 * cell, 3)
     assert view["mma"].shape == (7 * cell, 7 * cell, 3)  # L + 1 cells: the frame row/column, then the tokens
     # aki_jax/mask.py's docstring, layout `T I I Q Q T`, written out by hand:
     mma = np.array(
@@ -69,7 +72,7 @@ def test_the_mma_picture_shows_the_worked_example_of_the_mask_docstring():
 def test_padding_is_closed_in_both_pictures():
     ids = np.array([T, T, P])
     view = model_view(ids)
-    cell = view["strip"].shape[0]
+    cell = cell_size(3)
     for kind in ("mma", "causal"):
         grid_mask = as_mask(cells(view[kind], 3, cell)[2])
         assert (grid_mask == np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)).all()
@@ -77,8 +80,8 @@ def test_padding_is_closed_in_both_pictures():
 
 def test_the_strip_has_one_cell_per_token_in_its_modality_colour():
     ids = np.array([T, V, Q, P, T])
-    strip = modality_strip(ids, CELL)
-    assert strip.shape == (CELL, 5 * CELL, 3) and strip.dtype == np.uint8
+    strip = modality_strip(ids, CELL, rows=2)
+    assert strip.shape == (2 * CELL, 5 * CELL, 3) and strip.dtype == np.uint8
     for t, modality in enumerate(ids):
         assert (strip[:, t * CELL : (t + 1) * CELL] == MODALITY_COLORS[modality]).all()
 

@@ -26,6 +26,9 @@ import numpy as np
 from aki_jax.processing import Processor, load_image
 
 WARM_UP_QUESTION = "What is in the picture?"
+# Prompts are left-padded to a multiple of this many tokens. Compiled programs are per padded length,
+# so a coarse bucket lets the one compiled at start serve most short questions about one image.
+PROMPT_BUCKET = 64
 
 
 class RequestError(ValueError):
@@ -105,7 +108,8 @@ class Answerer:
     def warm_up(self, settings: AskSettings = AskSettings()) -> float:
         """Compile generation for one image, a short question and `settings`; returns the seconds it took.
 
-        Other shapes (more images, a longer prompt bucket, another max new tokens) compile once on first use.
+        Other shapes (more images, a prompt past `PROMPT_BUCKET` tokens, another max new tokens) compile
+        once on first use.
         """
         start = time.perf_counter()
         size = self.model.config.vision.image_size
@@ -177,6 +181,7 @@ class Answerer:
                         question,
                         pil_images,
                         on_text=on_text,
+                        pad_to_multiple=PROMPT_BUCKET,
                         **settings.generation_kwargs(),
                     )
                 pieces.put(("result", result))

@@ -68,7 +68,16 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
         with gr.Row():
             with gr.Column():
                 files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="images")
-                preview = gr.Gallery(label="Uploaded", columns=4, height=160, elem_id="preview", interactive=False)
+                preview = gr.Gallery(
+                    label="Uploaded",
+                    columns=6,
+                    height=120,
+                    object_fit="contain",
+                    preview=False,
+                    allow_preview=False,
+                    elem_id="preview",
+                    interactive=False,
+                )
                 question = gr.Textbox(label="Question", lines=2, placeholder="What digit is this?", elem_id="question")
                 with gr.Accordion("Generation", open=True):
                     mode = gr.Radio(list(MODES), value="greedy", label="Decoding", elem_id="mode")
@@ -92,7 +101,8 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                 status = gr.Markdown(elem_id="status")
                 gr.Markdown("### What the model sees\n" + LEGEND)
                 summary = gr.Markdown(elem_id="layout")
-                strip = gr.Image(label="Prompt layout, one cell per token", format="png", interactive=False)
+                gr.Markdown("Prompt layout, one column per token, left to right:")
+                strip = gr.Image(format="png", interactive=False, show_label=False, container=False, height=48)
                 with gr.Row():
                     mma = gr.Image(label="MMA mask (rows attend to columns)", format="png", interactive=False)
                     causal = gr.Image(label="Causal mask", format="png", interactive=False)

@@ -2,7 +2,7 @@
 
 Every token is one square cell of `cell` pixels, coloured by its modality (`MODALITY_COLORS`):
 
-    modality_strip(ids)       uint8[cell, L * cell, 3]: the tokens left to right
+    modality_strip(ids)       uint8[rows * cell, L * cell, 3]: the tokens left to right
     mask_picture(mask, ids)   uint8[(L + 1) * cell, (L + 1) * cell, 3]: row t, column s is dark where
                               query t may attend to key s, white where not; the top row and left column
                               repeat the modality strip so rows and columns can be read off
@@ -29,6 +29,7 @@ OPEN_COLOR = (40, 40, 40)
 CLOSED_COLOR = (255, 255, 255)
 MMA_ONLY_COLOR = (214, 39, 40)
 CORNER_COLOR = (255, 255, 255)
+STRIP_ROWS = 3  # the layout strip is this many cells tall, to be seen at a glance
 PICTURE_PIXELS = 480  # a mask picture aims at about this width; cells are whole pixels
 
 
@@ -54,11 +55,11 @@ def _cells(grid: np.ndarray, cell: int) -> np.ndarray:
     return np.repeat(np.repeat(grid, cell, axis=0), cell, axis=1)
 
 
-def modality_strip(modality_ids, cell: int | None = None) -> np.ndarray:
-    """int[L] modality ids -> uint8[cell, L * cell, 3]."""
+def modality_strip(modality_ids, cell: int | None = None, rows: int = 1) -> np.ndarray:
+    """int[L] modality ids -> uint8[rows * cell, L * cell, 3] (rows: how many cells tall)."""
     ids = np.asarray(modality_ids).reshape(-1)
     cell = cell_size(len(ids)) if cell is None else cell
-    return _cells(_colors(ids)[None], cell)
+    return _cells(np.repeat(_colors(ids)[None], rows, axis=0), cell)
 
 
 def mask_picture(mask, modality_ids, cell: int | None = None, highlight=None) -> np.ndarray:
@@ -90,7 +91,7 @@ def model_view(modality_ids) -> dict:
     causal = np.asarray(attention_mask(ids, kind="causal"))[0]
     cell = cell_size(ids.shape[1])
     return {
-        "strip": modality_strip(ids[0], cell),
+        "strip": modality_strip(ids[0], cell, rows=STRIP_ROWS),
         "mma": mask_picture(mma, ids[0], cell, highlight=mma & ~causal),
         "causal": mask_picture(causal, ids[0], cell),
         "summary": layout_summary(ids[0], int((mma & ~causal).sum())),
