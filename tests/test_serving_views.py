@@ -69,6 +69,13 @@ def test_the_mma_picture_shows_the_worked_example_of_the_mask_docstring():
     )
 
 
+def test_computing_the_masks_on_a_padded_bucket_draws_the_same_pictures():
+    ids = np.array([T, V, V, V, Q, Q, T, T, V, Q, T])
+    plain, bucketed = model_view(ids), model_view(ids, pad_to_multiple=16)
+    assert all((plain[key] == bucketed[key]).all() for key in ("strip", "mma", "causal"))
+    assert plain["summary"] == bucketed["summary"]
+
+
 def test_padding_is_closed_in_both_pictures():
     ids = np.array([T, T, P])
     view = model_view(ids)

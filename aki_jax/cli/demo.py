@@ -64,6 +64,7 @@ def _body(argv: list[str]) -> int:
     except ImportError as e:
         raise RuntimeError(f"{e}; the demo needs Gradio: pip install 'aki-jax[demo]'") from e
     from aki_jax.serving import Answerer
+    from aki_jax.serving.answerer import PROMPT_BUCKET
 
     print(f"loading {checkpoint} ...", flush=True)
     start = time.perf_counter()
@@ -71,7 +72,8 @@ def _body(argv: list[str]) -> int:
     timings = answerer.timings
     note = (
         f"Model `{checkpoint}`: loaded in {timings['load_s']:.1f} s, generation compiled in "
-        f"{timings['compile_s']:.1f} s (a new image count or prompt length compiles once more on first use)."
+        f"{timings['compile_s']:.1f} s (another image count or max new tokens, or a prompt past {PROMPT_BUCKET} "
+        "tokens, compiles once more on first use)."
     )
     print(f"ready after {time.perf_counter() - start:.1f} s: {note}", flush=True)
     launch(build_demo(answerer, note=note), host=args.host, port=args.port, block=True)

@@ -108,12 +108,39 @@ class Answerer:
     def warm_up(self, settings: AskSettings = AskSettings()) -> float:
         """Compile generation for one image, a short question and `settings`; returns the seconds it took.
 
-        Other shapes (more images, a prompt past `PROMPT_BUCKET` tokens, another max new tokens) compile
-        once on first use.
+        The page's mask pictures are computed once too. Both compiled generation programs are exercised,
+        the prefill and the decode step: stop tokens are switched off
+        and the run is cut after its second piece of text. Other shapes (more images, a prompt past
+        `PROMPT_BUCKET` tokens, another max new tokens) compile once on first use.
         """
+        from aki_jax.generation import generate_text
+        from aki_jax.serving.views import model_view
+
         start = time.perf_counter()
         size = self.model.config.vision.image_size
-        for _ in self.answer(WARM_UP_QUESTION, [np.zeros((size, size, 3), np.uint8)], settings):
+        blank = np.zeros((size, size, 3), np.uint8)
+        model_view(self.prompt(WARM_UP_QUESTION, [blank], settings)["modality_ids"], PROMPT_BUCKET)
+        pieces = []
+
+        def stop_after_two(piece: str) -> None:
+            pieces.append(piece)
+            if len(pieces) >= 2:
+                raise _Cancelled
+
+        try:
+            with self._lock:
+                generate_text(
+                    self.model,
+                    self.params,
+                    self.tokenizer,
+                    WARM_UP_QUESTION,
+                    [blank],
+                    on_text=stop_after_two,
+                    pad_to_multiple=PROMPT_BUCKET,
+                    eos_ids=(),  # traced (padded to 8 ids): the program is the one real requests use
+                    **settings.generation_kwargs(),
+                )
+        except _Cancelled:
             pass
         self.timings["compile_s"] = time.perf_counter() - start
         return self.timings["compile_s"]

@@ -6,7 +6,8 @@
 
 `aki-demo` (aki_jax/cli/demo.py) does exactly this. The page's one event, "ask" (also the API name for
 `gradio_client`: `client.submit(files, question, mode, temperature, top_k, top_p, seed, max_new_tokens,
-api_name="/ask")`), streams (answer, layout strip, MMA mask, causal mask, layout summary, status).
+api_name="/ask")`), streams (answer, layout strip, MMA mask, causal mask, layout summary, status); the
+pictures and summary come in the first message only (`job.outputs()[0]`).
 Requests queue and run one at a time; a request that cannot be answered (empty question, unreadable
 image, prompt too long) shows its reason on the page as an error and the server carries on.
 
@@ -22,7 +23,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio i
 
 import gradio as gr  # noqa: E402
 
-from aki_jax.serving.answerer import Answerer, AskSettings, RequestError  # noqa: E402
+from aki_jax.serving.answerer import PROMPT_BUCKET, Answerer, AskSettings, RequestError  # noqa: E402
 from aki_jax.serving.views import MMA_ONLY_COLOR, MODALITY_COLORS, MODALITY_NAMES, model_view  # noqa: E402
 
 MODES = ("greedy", "sampling")
@@ -71,7 +72,8 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                 preview = gr.Gallery(
                     label="Uploaded",
                     columns=6,
-                    height=120,
+                    fit_columns=False,
+                    height=110,
                     object_fit="contain",
                     preview=False,
                     allow_preview=False,
@@ -103,9 +105,10 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                 summary = gr.Markdown(elem_id="layout")
                 gr.Markdown("Prompt layout, one column per token, left to right:")
                 strip = gr.Image(format="png", interactive=False, show_label=False, container=False, height=48)
+                gr.Markdown("Attention masks, query rows attend to key columns: MMA (left) and causal (right)")
                 with gr.Row():
-                    mma = gr.Image(label="MMA mask (rows attend to columns)", format="png", interactive=False)
-                    causal = gr.Image(label="Causal mask", format="png", interactive=False)
+                    mma = gr.Image(format="png", interactive=False, show_label=False, elem_id="mma")
+                    causal = gr.Image(format="png", interactive=False, show_label=False, elem_id="causal")
 
         def show_uploads(uploaded):
             readable = []
@@ -125,7 +128,7 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                 example = answerer.prompt(question_text, images, settings)
             except RequestError as e:
                 raise gr.Error(str(e), duration=None, print_exception=False) from e
-            view = model_view(example["modality_ids"])
+            view = model_view(example["modality_ids"], PROMPT_BUCKET)
             pictures = {strip: view["strip"], mma: view["mma"], causal: view["causal"], summary: view["summary"]}
             yield {answer: "", status: "generating...", **pictures}
             text = ""
@@ -136,8 +139,9 @@ def build_demo(answerer: Answerer, note: str = "", title: str = "aki-jax: ask th
                 raise gr.Error(str(e), duration=None, print_exception=False) from e
             except Exception as e:  # a bug or a resource problem: say so on the page, keep serving
                 raise gr.Error(f"generation failed: {type(e).__name__}: {e}", duration=None) from e
-            # The last message carries every output, so an API client's result is the whole page.
-            yield {answer: text, status: f"done in {time.perf_counter() - start:.1f} s", **pictures}
+            # The pictures are sent once, first: sending them again would rewrite their cached files
+            # while the browser may still be fetching them.
+            yield {answer: text, status: f"done in {time.perf_counter() - start:.1f} s"}
 
         inputs = [files, question, mode, temperature, top_k, top_p, seed, max_new_tokens]
         outputs = [answer, strip, mma, causal, summary, status]

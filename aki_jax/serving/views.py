@@ -14,6 +14,7 @@ causal attention) get `MMA_ONLY_COLOR` so the difference stands out next to the 
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT, attention_mask
@@ -84,11 +85,22 @@ def mask_picture(mask, modality_ids, cell: int | None = None, highlight=None) ->
     return _cells(framed, cell)
 
 
-def model_view(modality_ids) -> dict:
-    """int[L] modality ids of one prompt -> {"strip", "mma", "causal": uint8 pictures, "summary": str}."""
+@jax.jit
+def _masks(modality_ids):
+    return attention_mask(modality_ids, kind="mma"), attention_mask(modality_ids, kind="causal")
+
+
+def model_view(modality_ids, pad_to_multiple: int = 1) -> dict:
+    """int[L] modality ids of one prompt -> {"strip", "mma", "causal": uint8 pictures, "summary": str}.
+
+    The masks are computed on the ids right-padded with PAD to a multiple of `pad_to_multiple` and cut
+    back to L x L (PAD after the prompt changes nothing among its tokens): a server passes its prompt
+    bucket, so it compiles one program per bucket instead of one per prompt length.
+    """
     ids = np.asarray(modality_ids).reshape(1, -1)
-    mma = np.asarray(attention_mask(ids, kind="mma"))[0]
-    causal = np.asarray(attention_mask(ids, kind="causal"))[0]
+    length = ids.shape[1]
+    padded = np.pad(ids, ((0, 0), (0, -length % pad_to_multiple)), constant_values=PAD)
+    mma, causal = (np.asarray(m)[0, :length, :length] for m in _masks(padded))
     cell = cell_size(ids.shape[1])
     return {
         "strip": modality_strip(ids[0], cell, rows=STRIP_ROWS),
