@@ -131,7 +131,7 @@ def test_bad_requests_show_their_reason_and_the_server_answers_the_next_one(clie
 
     too_long = "seven " * 300
     for images, question, message in [
-        ([files["bad"]], QUESTION, "image 1 (bad.png) is not a readable image"),
+        ([files["bad"]], QUESTION, "image 1 of 1: bad.png: not a readable image"),
         (files["images"][:1], "   ", "the question is empty"),
         (files["images"][:1], too_long, "new tokens were asked for: more than the model's 256 positions"),
         (files["images"][:1], "<image> and <image>?", "2 <image> placeholder(s) but 1 image(s)"),

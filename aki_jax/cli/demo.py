@@ -18,15 +18,13 @@ from pathlib import Path
 from aki_jax.checkpoint import CONFIG_FILE
 from aki_jax.cli import UsageError, make_parser, run_command
 
-# The default training job (`aki-train` / `python train.py`) is this config file.
-DEFAULT_TRAIN_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_digits.py"
-
 
 def default_checkpoint() -> Path:
     """The folder the default training job exports its model to (relative to the working directory)."""
+    from aki_jax.cli.train import DEFAULT_CONFIG
     from aki_jax.training.config import load_config_file
 
-    config = load_config_file(DEFAULT_TRAIN_CONFIG)
+    config = load_config_file(DEFAULT_CONFIG)
     return config.checkpoint.pretrained_dir(config.model.attention)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aki_jax.processing import Processor, load_image
+from aki_jax.processing import ImageError, Processor, open_image
 
 WARM_UP_QUESTION = "What is in the picture?"
 # Prompts are left-padded to a multiple of this many tokens. Compiled programs are per padded length,
@@ -147,17 +147,21 @@ class Answerer:
 
     # --- one request -------------------------------------------------------------------------------------------
     def load_images(self, images: Sequence) -> list:
-        """PIL images from paths / arrays / PIL images; an unreadable one is a `RequestError` naming it."""
+        """PIL images (decoded mode kept, as preprocessing expects) from paths / arrays / PIL images.
+
+        An unreadable one is a `RequestError` naming it by its file name (an upload's temporary folder
+        says nothing to the person who sent it).
+        """
+        images = list(images or [])
         loaded = []
-        for number, image in enumerate(images or [], start=1):
-            name = os.path.basename(image) if isinstance(image, (str, os.PathLike)) else type(image).__name__
+        for number, image in enumerate(images, start=1):
+            is_path = isinstance(image, (str, os.PathLike))
+            name = os.path.basename(image) if is_path else None
             try:
-                loaded.append(load_image(image).convert("RGB"))
-            except (OSError, ValueError, TypeError) as e:
-                cause = str(e.__cause__ or e)
-                if isinstance(image, (str, os.PathLike)):  # the upload's temporary path says nothing to a user
-                    cause = cause.replace(os.fspath(image), name)
-                raise RequestError(f"image {number} ({name}) is not a readable image: {cause}") from e
+                loaded.append(open_image(image, name=name, keep_mode=True))
+            except (ImageError, TypeError) as e:
+                message = str(e).replace(os.fspath(image), name) if is_path else str(e)
+                raise RequestError(f"image {number} of {len(images)}: {message}") from e
         return loaded
 
     def prompt(self, question: str, images: Sequence, settings: AskSettings = AskSettings()) -> dict:
