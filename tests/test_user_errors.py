@@ -158,8 +158,8 @@ def test_generate_checkpoint_with_damaged_params(tmp_path, pretrained, capsys):
 @pytest.mark.parametrize(
     "content, fragment",
     [
-        (b"GIF89a but not really", "cannot be read as an image"),
-        (b"", "cannot be read as an image"),
+        (b"GIF89a but not really", "not a readable image"),
+        (b"", "not a readable image"),
         (None, "no such file"),
     ],
     ids=["garbage", "empty", "missing"],

@@ -39,16 +39,16 @@ def _check_arguments(args) -> None:
 
 def _open_images(paths: list[str]) -> list:
     """The --image files decoded (PIL images), each failure naming its file; before the model load."""
-    from aki_jax.processing.image import load_image
+    from aki_jax.processing.image import ImageError, open_image
 
     images = []
     for path in paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--image {path}: no such file")
         try:
-            images.append(load_image(path))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--image {path}: cannot be read as an image ({e}); use a PNG, JPEG or WebP file") from e
+            images.append(open_image(path, keep_mode=True))
+        except ImageError as e:  # names the file already
+            raise ImageError(f"--image {e}; use a PNG, JPEG or WebP file") from e
     return images
 
 
