@@ -396,3 +396,23 @@ def test_resume_with_every_checkpoint_damaged_names_the_folder(tmp_path):
     assert str(tmp_path / "checkpoints") in message and "no checkpoint can be restored" in message
     assert "step 2: JSONDecodeError" in message and "step 1: JSONDecodeError" in message
     checkpointer.close()
+
+
+# --- the other commands ------------------------------------------------------------------------------------
+
+
+def test_init_from_towers_and_demo_mistakes(tmp_path, capsys):
+    from aki_jax.cli.demo import main as demo_main
+    from aki_jax.cli.init_from_towers import main as towers_main
+
+    one_error_line(capsys, towers_main(["--vision", str(tmp_path)]), 2, "required: --lm, --dst")
+    argv = ["--vision", str(tmp_path / "none"), "--lm", str(tmp_path), "--dst", str(tmp_path / "o")]
+    one_error_line(capsys, towers_main(argv), 1, f"{tmp_path / 'none'}: not a folder", "SigLIP")
+    one_error_line(capsys, demo_main(["--port", "abc"]), 2, "--port: invalid int value: 'abc'")
+    code = demo_main(["--checkpoint", str(tmp_path / "none")])
+    err = capsys.readouterr().err  # the demo says what it loads on stdout first
+    assert (
+        code == 1
+        and err.strip()
+        == f"error: {tmp_path / 'none'}: no such folder (expected a pretrained folder with aki_config.json)"
+    )
