@@ -120,8 +120,14 @@ def train(run_dir: Path, cache: Path, *extra: str, processes: int = 2, env=None)
 
 
 def assert_ok(runs, code: int = 0):
+    """Every process exited with `code`; else each one's exit code, first error line and output tail."""
+    if all(run.returncode == code for run in runs):
+        return
+    report = []
     for p, run in enumerate(runs):
-        assert run.returncode == code, f"process {p}: {run.stderr[-3000:]}"
+        first = next((line for line in run.stderr.splitlines() if line.startswith("error:")), "")
+        report.append(f"process {p}: exit {run.returncode}; {first}\n{run.stderr[-1500:]}")
+    pytest.fail("\n\n".join(report))
 
 
 def exported_params(run_dir: Path) -> dict:
