@@ -149,16 +149,6 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, ru
     return PartitionSpec(*out)
 
 
-def tree_shardings(shapes, logical_specs, mesh: Mesh, rules):
-    """NamedSharding tree for a (ShapeDtypeStruct tree, logical PartitionSpec tree) pair."""
-    return jax.tree.map(
-        lambda s, spec: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
-        shapes,
-        logical_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-
-
 def param_shardings(config, mesh: Mesh, rules):
     """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
     from aki_jax.model import abstract_params  # the model does not import sharding; avoid a cycle anyway

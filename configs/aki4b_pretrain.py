@@ -1,4 +1,4 @@
-"""AKI-4B caption pretraining, the paper's recipe (AKI_REFERENCE.md "Training recipe").
+"""AKI-4B caption pretraining, the paper's recipe (docs/original_model.md, "Training recipe").
 
 Next-token loss on captions (BLIP3-Kale, BLIP3-OCR-200m webdataset shards), AdamW, weight decay 0.01,
 cosine schedule with warmup 2000 and min lr 1e-5, bf16 compute with fp32 master weights, FSDP, frozen

@@ -66,7 +66,7 @@ def softmax(x):
 
 
 def numpy_resampler(p, media, config):
-    """Flamingo Perceiver resampler as AKI_REFERENCE.md describes it, on 2-D (in, out) matrices."""
+    """Flamingo Perceiver resampler as docs/original_model.md describes it, on 2-D (in, out) matrices."""
     c = config.resampler
     eps, heads, dim_head = c.layer_norm_eps, c.num_heads, c.head_dim
     inner = heads * dim_head

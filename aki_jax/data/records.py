@@ -79,14 +79,6 @@ def open_image(ref):
     return image
 
 
-def decode_image(ref) -> np.ndarray:
-    """ImageRef -> uint8[H, W, 3] (RGB conversion by PIL; for inspection and tests)."""
-    image = open_image(ref)
-    if isinstance(image, np.ndarray):
-        return np.asarray(Image.fromarray(image.squeeze()).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
-
-
 def decode_images(example: dict) -> dict | Bad:
     """Replace the example's ImageRefs by decoded images (`open_image`), or return Bad naming the image."""
     if isinstance(example, Bad):

@@ -85,7 +85,3 @@ def render_chat(
 def render_caption(caption: str, num_images: int = 1, eos_token: str = "<|endoftext|>") -> list[Segment]:
     """`<image>{caption}<|endofchunk|>` + eos; caption, end-of-chunk and eos supervised."""
     return [Segment("<image>" * num_images), Segment(caption + "<|endofchunk|>" + eos_token, supervised=True)]
-
-
-def segments_text(segments: Sequence[Segment]) -> str:
-    return "".join(s.text for s in segments)

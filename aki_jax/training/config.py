@@ -200,7 +200,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
 def set_path(node, path: list[str], value, full: str):
     """A copy of dataclass `node` with the field at `path` set to `value` (type-checked and coerced)."""
     if not dataclasses.is_dataclass(node):
-        if isinstance(node, dict):  # free-form dicts (data.options, mesh.rules) take any key
+        if isinstance(node, dict):  # free-form dicts (mesh.rules) take any key
             if len(path) == 1:
                 return {**node, path[0]: value}
             return {**node, path[0]: set_path(node.get(path[0], {}), path[1:], value, full)}
