@@ -12,8 +12,9 @@ Layout under `output_dir/<benchmark name>/`:
 Work split: every process reads the same items and the same finished set, keeps the unfinished ones in
 index order and takes every `process_count`-th (round robin, offset `process_index`). Each item is one
 row (likelihood scoring puts all candidates of an item into one shared-prefix row; generation has one
-prompt); items are cut into steps of `scorer.rows_per_step` rows per process. All processes run the same number of steps (the maximum,
-idle processes run padding steps) because each step is one global computation over the mesh.
+prompt); items are cut into steps of `scorer.rows_per_step` rows per process. All processes run the
+same number of steps (the maximum, idle processes run padding steps) because each step is one global
+computation over the mesh.
 Finished items recorded by any earlier run, with any process count, are skipped.
 """
 
