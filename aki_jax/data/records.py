@@ -27,8 +27,7 @@ import os
 import numpy as np
 from PIL import Image
 
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
+from aki_jax.processing.tokenizer import IMAGE_TOKEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +53,7 @@ def caption_example(source, where, images, caption) -> dict:
 
 def question_answer(question: str, answer: str, n_images: int = 1) -> list[dict]:
     """A one-turn chat: the images' placeholders, a newline, the question; then the answer."""
-    prefix = (IMAGE_PLACEHOLDER + "\n") * n_images if IMAGE_PLACEHOLDER not in question else ""
+    prefix = (IMAGE_TOKEN + "\n") * n_images if IMAGE_TOKEN not in question else ""
     return [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
 
 
