@@ -428,17 +428,6 @@ def test_shared_prefix_row_refuses_what_it_cannot_score(processor):
         shared_prefix_row([])
 
 
-def _load_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     model_and_params, tokenizer, benchmarks, tmp_path, single_device_runs, monkeypatch, capsys
 ):
@@ -452,7 +441,8 @@ def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     argv += ["--length-multiple", str(DIRECT_LENGTH), "--no-progress"]
     for f in files:
         argv += ["--benchmark", f]
-    tool = _load_tool()
+    from aki_jax.cli import evaluate as tool
+
     assert tool.main(argv) == 0
     table = capsys.readouterr().out
     assert "| mmbench | likelihood |" in table and "MME perception" in table and "POPE F1" in table
