@@ -241,7 +241,7 @@ def test_config_json_round_trip_and_errors(tmp_path):
     config = aki_jax.aki_4b().replace(dtype="bfloat16", attention="causal")
     config.to_json(tmp_path / "c.json")
     assert aki_jax.AKIConfig.from_json(tmp_path / "c.json") == config
-    with pytest.raises(ValueError, match="unknown fields in decoder"):
+    with pytest.raises(ValueError, match=r"AKIConfig.decoder: unknown fields \['hidden'\]"):
         aki_jax.AKIConfig.from_dict({"decoder": {"hidden": 3}})
     with pytest.raises(ValueError, match="attention"):
         aki_jax.tiny(attention="full")

@@ -1,19 +1,20 @@
 """The training program: build everything from a `TrainConfig`, run steps, evaluate, checkpoint, export.
 
-`train(config)` is what `python train.py` calls. It runs unchanged from one CPU to a multi-host pod: the
-mesh comes from `config.mesh`, each process feeds its own rows (`make_global_batch`), and every array
-is created directly in its sharded layout.
+`train(config)` is what `aki-train` / `python train.py` calls. It runs unchanged from one CPU to a multi-host
+pod: the mesh comes from `config.mesh`, each process feeds its own rows (`make_global_batch`), and every
+array is created directly in its sharded layout. `train(config, callbacks=[...])` calls each callback with a
+`StepEnd` after every step (after its checkpoint, before the preemption check); the tests record example ids
+and inject faults this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,6 +32,23 @@ from aki_jax.training.state import count_params, init_state, split_trainable, st
 from aki_jax.training.step import eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """What a `train` callback is given after each step.
+
+    batch: this process's numpy rows of the step (input_ids int32[b, L], ...; b = rows per process).
+    example_ids: the rows' example ids when the data carries them (synthetic data), else None.
+    """
+
+    step: int
+    batch: dict
+    example_ids: np.ndarray | None
+    out_dir: Path
+
+
+Callback = Callable[[StepEnd], None]
 
 
 class _Preemption:
@@ -72,7 +90,7 @@ class _Preemption:
         return bool(np.asarray(flags).any())
 
 
-def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
+def train(config: TrainConfig, data: DataBundle | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Run the configured job; returns the summary dict (also printed and written to summary.json)."""
     sharding.initialize_distributed()
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
@@ -125,7 +143,6 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
         f"AKI {count_params(abstract['params']) / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained), "
         f"mesh {dict(mesh.shape)}, batch {rows}x{length}, steps {start_step}->{total}, data: {data.description}"
     )
-    ids_file = (out_dir / example_ids_file()).open("a") if config.logging.record_example_ids else None
     # Decided before any process could export, so that all processes agree (the export is collective).
     export = config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists()
 
@@ -146,11 +163,6 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
                 timer.update(compile_s=time.perf_counter() - t0, start=time.perf_counter(), steps=0)
             else:
                 timer["steps"] += 1
-            if ids_file is not None:
-                if example_ids is None:
-                    example_ids = row_fingerprints(batch)
-                ids_file.write(json.dumps({"step": step, "ids": example_ids.tolist()}) + "\n")
-                ids_file.flush()
             if step % config.logging.every_steps == 0 or step == total:
                 record = _metrics_record(metrics, timer, step_flops, rows * length, peak)
                 history.append(record)
@@ -163,11 +175,8 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
                 reporter.log(step, eval_result, split="eval")
             if step < total:  # the last step is saved after the final evaluation, with its accuracy
                 checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(evaluated))
-            fault = config.fault if config.fault.process in (-1, jax.process_index()) else None
-            if fault and fault.kill_at_step and step == fault.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
-            if fault and fault.sigterm_at_step and step == fault.sigterm_at_step:
-                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a preemption notice
+            for callback in callbacks:
+                callback(StepEnd(step, batch, example_ids, out_dir))
             if step < total and preemption.should_stop(step):
                 reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
                 checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
@@ -181,8 +190,6 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     checkpointer.close()
     data.close()
     reporter.close()
-    if ids_file is not None:
-        ids_file.close()
 
     summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
     if best_step is not None:
@@ -272,24 +279,6 @@ def _eval_fn(model_config, mesh):
 
         _EVAL_FNS[key] = jax.jit(totals, out_shardings=NamedSharding(mesh, PartitionSpec()))
     return _EVAL_FNS[key]
-
-
-def example_ids_file() -> str:
-    """Where this process records the example ids of its rows (one file per process when several)."""
-    if jax.process_count() == 1:
-        return "example_ids.jsonl"
-    return f"example_ids.process{jax.process_index()}-of-{jax.process_count()}.jsonl"
-
-
-def row_fingerprints(batch: dict) -> np.ndarray:
-    """A short hash per row of a batch without example ids (identifies examples in resume checks)."""
-    out = []
-    for i in range(batch["input_ids"].shape[0]):
-        digest = hashlib.sha1(np.ascontiguousarray(batch["input_ids"][i]).tobytes())
-        if "pixel_values" in batch:
-            digest.update(np.ascontiguousarray(batch["pixel_values"][i]).tobytes())
-        out.append(digest.hexdigest()[:16])
-    return np.asarray(out)
 
 
 def _metrics_record(metrics, timer, step_flops, tokens_per_step, peak) -> dict:
