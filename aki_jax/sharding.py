@@ -149,12 +149,14 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, ru
     return PartitionSpec(*out)
 
 
-def param_shardings(config, mesh: Mesh, rules):
-    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
-    from aki_jax.model import abstract_params  # the model does not import sharding; avoid a cycle anyway
+def boxed_shardings(boxed, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of an abstract tree whose leaves may be logically boxed.
 
-    shapes, logical = abstract_params(config)
-    # abstract_params' spec tree has PartitionSpec leaves where the shape tree has arrays.
+    Boxed leaves (`nn.LogicallyPartitioned`, e.g. params and optimizer moments derived from them) map
+    through `logical_to_spec`; unboxed ones (step counters) are replicated.
+    """
+    shapes, logical = nn.unbox(boxed), nn.get_partition_spec(boxed)
+    # The spec tree has PartitionSpec leaves where the shape tree has arrays.
     shardings = jax.tree.map(
         lambda spec, s: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
         logical,
@@ -162,6 +164,13 @@ def param_shardings(config, mesh: Mesh, rules):
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     return shapes, shardings
+
+
+def param_shardings(config, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
+    from aki_jax.model import boxed_abstract_params  # the model does not import sharding; avoid a cycle anyway
+
+    return boxed_shardings(boxed_abstract_params(config), mesh, rules)
 
 
 def batch_spec(ndim: int, rules) -> PartitionSpec:

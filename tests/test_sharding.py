@@ -104,3 +104,31 @@ def test_the_aki4b_recipe_shards_its_big_matrices_on_a_gpu8_mesh():
     )
     total = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
     assert per_device < total / 7  # nearly everything is split 8 ways
+
+
+@pytest.mark.parametrize(
+    "mesh_config", [S.MeshConfig(data=2, fsdp=2, tensor=2), S.MeshConfig(data=1, fsdp=1, tensor=8)]
+)
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_optimizer_moments_shard_like_their_parameter_and_counters_are_replicated(mesh_config, freeze_vision):
+    from aki_jax.training.config import OptimizerConfig
+    from aki_jax.training.optimizer import make_optimizer
+    from aki_jax.training.state import state_shardings
+
+    config = aki_jax.tiny(freeze_vision=freeze_vision)
+    mesh, rules = S.make_mesh(mesh_config), S.logical_rules(mesh_config)
+    _, shardings = state_shardings(config, make_optimizer(OptimizerConfig()), mesh, rules)
+    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings["params"])}
+    moments = 0
+    for path, s in jax.tree_util.tree_leaves_with_path(shardings["opt_state"]):
+        # a moment's path ends with its parameter's path: ...mu['decoder']['layers']['qkv_kernel']
+        key = jax.tree_util.keystr(path)
+        owner = [p for p in by_path if key.endswith(p) and (".mu" in key or ".nu" in key)]
+        if owner:
+            moments += 1
+            assert s == by_path[max(owner, key=len)], key
+        else:
+            assert s.spec == P(), key
+    trainable = [p for p in by_path if not (freeze_vision and p.startswith("['vision']"))]
+    assert moments == 2 * len(trainable)  # mu and nu of every trained parameter, none of the frozen tower
+    assert any(s.spec != P() for s in by_path.values())
