@@ -34,7 +34,7 @@ def _body(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from aki_jax.checkpoint import load_pretrained
-    from aki_jax.generation import generate_text
+    from aki_jax.generation import Sampling, generate_text
 
     start = time.perf_counter()
     model, params, tokenizer = load_pretrained(args.checkpoint, dtype=args.dtype, compute_dtype=args.dtype)
@@ -55,10 +55,7 @@ def _body(argv: list[str]) -> int:
         args.image,
         max_new_tokens=args.max_new_tokens,
         on_text=None if args.no_stream else show,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+        sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
     )
     print(answer if args.no_stream else "", flush=True)
     if args.timing:

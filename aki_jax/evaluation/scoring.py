@@ -253,7 +253,7 @@ class ModelRunner:
 
     def generate(self, examples: list[dict]) -> list[list[int]]:
         """Greedy continuation token ids of each prompt example, cut before the first stop token."""
-        from aki_jax.generation import generate
+        from aki_jax.generation import Sampling, generate
 
         batch = self._pad(examples, "left")
         placed = self._place({k: batch[k] for k in ("pixel_values", "input_ids", "modality_ids")})
@@ -268,8 +268,7 @@ class ModelRunner:
                 placed["input_ids"],
                 placed["modality_ids"],
                 max_new_tokens=self.max_new_tokens,
-                eos_ids=stops,
-                pad_id=tokenizer.pad_token_id,
+                sampling=Sampling(eos_ids=stops, pad_id=tokenizer.pad_token_id),
             )
         new_ids = local_rows(new_ids)[: len(examples)]
         out = []
