@@ -92,6 +92,46 @@ class _Preemption:
 
 def train(config: TrainConfig, data: DataBundle | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Run the configured job; returns the summary dict (also printed and written to summary.json)."""
+    job = build(config, data)
+    outcome = run(job, callbacks)
+    return finish(job, outcome)
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything `build` makes for `run` and `finish`: resolved config, mesh, state, step function, IO."""
+
+    config: TrainConfig
+    out_dir: Path
+    data: DataBundle
+    mesh: object
+    rules: tuple
+    abstract: dict  # the abstract train state (shapes only)
+    state: dict
+    start_step: int
+    step_fn: Callable
+    first_batch: dict  # taken from data.train to size the step; the first step uses it
+    checkpointer: Checkpointer
+    reporter: Reporter
+    step_flops: float
+    peak_flops: float | None
+    n_trainable: int
+    export: bool  # write the pretrained folder at the end (decided before any process could write it)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What `run` leaves for `finish`."""
+
+    state: dict
+    step: int
+    history: list  # the logged train metrics records
+    eval_result: dict | None
+    timer: dict
+
+
+def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
+    """Resolve the config, make the mesh, the data, the (restored or initial) state and the step function."""
     sharding.initialize_distributed()
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
     config = dataclasses.replace(
@@ -128,35 +168,57 @@ def train(config: TrainConfig, data: DataBundle | None = None, callbacks: Sequen
 
     total = config.optim.total_steps
     first = next(data.train)
-    data_pending = [first]
     batch_shardings = {
         k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in first.items() if k != "example_ids"
     }
     step_fn = make_train_step(model_config, optimizer, schedule, config.optim.grad_accum, shardings, batch_shardings)
     rows, length = config.data.batch_size, first["input_ids"].shape[1]
     images = first["pixel_values"].shape[1] if "pixel_values" in first else 0
-    step_flops = flops_lib.train_step_flops(model_config, rows, length, images)
-    peak = _peak_flops(config)
     n_trainable = count_params(split_trainable(abstract["params"], model_config)[0])
     reporter = Reporter(out_dir, total, start_step, config.logging.progress_bar, config.logging.tensorboard)
     reporter.write(
         f"AKI {count_params(abstract['params']) / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained), "
         f"mesh {dict(mesh.shape)}, batch {rows}x{length}, steps {start_step}->{total}, data: {data.description}"
     )
-    # Decided before any process could export, so that all processes agree (the export is collective).
-    export = config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists()
+    return Job(
+        config=config,
+        out_dir=out_dir,
+        data=data,
+        mesh=mesh,
+        rules=rules,
+        abstract=abstract,
+        state=state,
+        start_step=start_step,
+        step_fn=step_fn,
+        first_batch=first,
+        checkpointer=checkpointer,
+        reporter=reporter,
+        step_flops=flops_lib.train_step_flops(model_config, rows, length, images),
+        peak_flops=_peak_flops(config),
+        n_trainable=n_trainable,
+        # Decided before any process could export, so that all processes agree (the export is collective).
+        export=config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists(),
+    )
 
+
+def run(job: Job, callbacks: Sequence[Callback] = ()) -> Outcome:
+    """Train from `job.start_step` to the end (or a preemption): log, evaluate, checkpoint, call back."""
+    config, data, mesh, rules = job.config, job.data, job.mesh, job.rules
+    checkpointer, reporter = job.checkpointer, job.reporter
+    total = config.optim.total_steps
+    tokens_per_step = config.data.batch_size * job.first_batch["input_ids"].shape[1]
+    data_pending = [job.first_batch]
     timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
     history = []
     eval_result = None
-    step = start_step
+    state, step = job.state, job.start_step
     with _Preemption() as preemption, sharding.activation_context(mesh, rules):
         while step < total:
             batch = data_pending.pop() if data_pending else next(data.train)
             example_ids = batch.pop("example_ids", None)
             global_batch = sharding.make_global_batch(batch, mesh, rules)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, global_batch)
+            state, metrics = job.step_fn(state, global_batch)
             step += 1
             if timer["compile_s"] is None:
                 jax.block_until_ready(metrics)
@@ -164,39 +226,49 @@ def train(config: TrainConfig, data: DataBundle | None = None, callbacks: Sequen
             else:
                 timer["steps"] += 1
             if step % config.logging.every_steps == 0 or step == total:
-                record = _metrics_record(metrics, timer, step_flops, rows * length, peak)
+                record = _metrics_record(metrics, timer, job.step_flops, tokens_per_step, job.peak_flops)
                 history.append(record)
                 reporter.log(step, record)
             reporter.advance()
             evaluated = None  # a checkpoint carries the accuracy of its own step, never an older one
             eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
             if step < total and (eval_due or (config.checkpoint.keep_best and checkpointer.due(step))):
-                evaluated = eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+                evaluated = eval_result = evaluate(state["params"], data, config.model, mesh, rules)
                 reporter.log(step, eval_result, split="eval")
             if step < total:  # the last step is saved after the final evaluation, with its accuracy
                 checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(evaluated))
             for callback in callbacks:
-                callback(StepEnd(step, batch, example_ids, out_dir))
+                callback(StepEnd(step, batch, example_ids, job.out_dir))
             if step < total and preemption.should_stop(step):
                 reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
                 checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
                 break
         else:
-            eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+            eval_result = evaluate(state["params"], data, config.model, mesh, rules)
             reporter.log(step, eval_result, split="eval")
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
+    return Outcome(state, step, history, eval_result, timer)
+
+
+def finish(job: Job, outcome: Outcome) -> dict:
+    """Wait for the checkpoints, close everything, export and plot a finished run, write the summary."""
+    config, out_dir, checkpointer = job.config, job.out_dir, job.checkpointer
     checkpointer.wait()
     best_step = checkpointer.best_step()
     checkpointer.close()
-    data.close()
-    reporter.close()
+    job.data.close()
+    job.reporter.close()
 
-    summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
+    total, step = config.optim.total_steps, outcome.step
+    summary = _summary(
+        config, step, total, outcome.history, outcome.eval_result, outcome.timer, job.n_trainable, job.abstract
+    )
     if best_step is not None:
         summary["best_checkpoint_step"] = best_step
     if step == total:
-        if export:
-            summary["pretrained_dir"] = str(_export(out_dir.absolute() / "model", model_config, state["params"], data))
+        if job.export:
+            model_dir = out_dir.absolute() / "model"
+            summary["pretrained_dir"] = str(_export(model_dir, config.model, outcome.state["params"], job.data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
     if jax.process_index() == 0:
