@@ -465,6 +465,38 @@ def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     assert "other settings (" in capsys.readouterr().err
 
 
+def test_evaluate_tool_skips_and_lists_undecodable_images(model_and_params, tokenizer, benchmarks, tmp_path, capsys):
+    """A truncated image and a decompression bomb among POPE's rows: listed, never scored; the rest as before."""
+    import base64
+
+    from test_eval_bad_inputs import _bomb_png, _truncated_png
+
+    from aki_jax.checkpoint import save_pretrained
+    from aki_jax.cli import evaluate as tool
+
+    model, params = model_and_params
+    tokenizer.save(tmp_path / "tok")
+    save_pretrained(tmp_path / "ckpt", model.config, params, tokenizer_dir=tmp_path / "tok")
+    pope = benchmarks[1]
+    text = open(pope.path, encoding="utf-8").read()
+    assert text.splitlines()[0].split("\t") == ["index", "question", "answer", "category", "image"]
+    lines = text.splitlines()
+    for index, data in ((90, _truncated_png()), (91, _bomb_png())):
+        lines.append(f"{index}\tIs there a cat in the image?\tyes\trandom\t{base64.b64encode(data).decode()}")
+    (tmp_path / "pope.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out"), "--batch-size", "8"]
+    argv += ["--length-multiple", str(DIRECT_LENGTH), "--no-progress", "--benchmark", str(tmp_path / "pope.tsv")]
+    assert tool.main(argv) == 0
+    assert "skipped (unreadable) 2" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "results.json").read_text())["pope"]
+    errors = result["read_errors"]
+    assert len(errors) == 2 and "truncated" in errors[0] and "decompression bomb" in errors[1]
+    assert errors[0].startswith(f"{tmp_path / 'pope.tsv'}:{len(lines) - 1}: index '90'")
+    assert result["scores"]["items"] == len(pope.items) and result["scores"]["read_errors"] == 2
+    got = [json.loads(x) for x in (tmp_path / "out" / "pope" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in got] == [it.index for it in pope.items]
+
+
 WORKER = """
 import sys
 import jax
