@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aki_jax import AKI, init_cache, init_params, tiny
+from aki_jax import AKI, init_cache
 from aki_jax.generation import Sampling, generate, generate_text, sample_logits, stream_generate
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
 
@@ -15,10 +15,10 @@ PROMPT = 16
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = tiny()
+def setup(tiny_params):
+    config, shared = tiny_params
+    params = jax.tree.map(lambda x: x, shared)  # a copy: the head is scaled below
     model = AKI(config)
-    params = init_params(config, jax.random.key(0))
     # Larger logits spread so greedy ties are impossible and sampling is not near-uniform.
     params["decoder"]["lm_head_kernel"] = params["decoder"]["lm_head_kernel"] * 20.0
     return config, model, params

@@ -13,9 +13,8 @@ from aki_jax.model import AKI
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    config = aki_jax.tiny()
-    params = aki_jax.init_params(config, jax.random.key(0))
+def tiny(tiny_params):
+    config, params = tiny_params
     # random (not init-default) norms and biases so that every term is exercised
     rng = np.random.default_rng(1)
     noisy = lambda x: (np.asarray(x) + 0.05 * rng.normal(size=x.shape)).astype(np.float32)  # noqa: E731

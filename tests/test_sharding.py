@@ -58,12 +58,11 @@ def test_parallelism_is_chosen_by_mesh_sizes_alone():
     assert tp8["decoder"]["layers"]["down_kernel"] == P(None, "tensor", None)
 
 
-def test_params_are_really_sharded_on_a_2x2x2_mesh():
-    config = aki_jax.tiny()
+def test_params_are_really_sharded_on_a_2x2x2_mesh(tiny_params):
+    config, reference = tiny_params
     mesh_config = S.MeshConfig(data=2, fsdp=2, tensor=2)
     mesh = S.make_mesh(mesh_config)
     shapes, shardings = S.param_shardings(config, mesh, S.logical_rules(mesh_config))
-    reference = aki_jax.init_params(config, jax.random.key(0))
     params = jax.device_put(reference, shardings)
     qkv = params["decoder"]["layers"]["qkv_kernel"]  # (layers, D, 3, N, H): D over fsdp, N over tensor
     layers, d, _, n, h = qkv.shape
