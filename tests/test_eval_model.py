@@ -25,6 +25,9 @@ from aki_jax.evaluation.scoring import EvaluationScorer, ModelRunner
 from aki_jax.processing import SYSTEM_MESSAGE, Processor, preprocess_images, train_tokenizer
 from aki_jax.sharding import MeshConfig, logical_rules, make_mesh, param_shardings
 
+# Runs a tiny model through every scoring mode and mesh (about 9 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
+
 MAX_NEW_TOKENS = 3
 DIRECT_LENGTH = 256
 

@@ -10,6 +10,9 @@ from aki_jax import AKI, init_cache
 from aki_jax.generation import Sampling, generate, generate_text, sample_logits, stream_generate
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
 
+# Compiles prefill and decode for many shapes (about 5 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
+
 NEW = 6
 PROMPT = 16
 

@@ -17,6 +17,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+# End to end: several real training processes (about 11 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 COMMON = [
