@@ -58,7 +58,8 @@ class Sampling:
 
     temperature: 0 is greedy (argmax); top_k / top_p: None is off; seed: the same seed gives the same
     tokens for the same inputs. eos_ids: ids that end a row (kept in the output, `pad_id` after); empty:
-    never stop early (`generate_text`: empty means the tokenizer's stop tokens, and its pad id is used).
+    never stop early; None: none for `generate` / `stream_generate`, the tokenizer's stop tokens for
+    `generate_text` (which also uses the tokenizer's pad id).
     All of these are traced: changing them reuses the compiled program.
     """
 
@@ -66,7 +67,7 @@ class Sampling:
     top_k: int | None = None
     top_p: float | None = None
     seed: int = 0
-    eos_ids: tuple[int, ...] = ()
+    eos_ids: tuple[int, ...] | None = None
     pad_id: int = 0
 
 
@@ -104,7 +105,7 @@ def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
 
 def _sampling_args(sampling: Sampling) -> dict:
     """Traced sampling settings; eos ids padded with -1 to a multiple of 8 so their count rarely recompiles."""
-    eos = [int(i) for i in sampling.eos_ids]
+    eos = [int(i) for i in sampling.eos_ids or ()]
     width = max(8, -(-len(eos) // 8) * 8)
     return {
         "temperature": jnp.float32(sampling.temperature),
@@ -283,7 +284,7 @@ def stream_generate(
         cache_length=input_ids.shape[1] + max_new_tokens,
         cache_dtype=cache_dtype,
     )
-    stops = np.asarray(settings.eos_ids, np.int32)
+    stops = np.asarray(settings.eos_ids or (), np.int32)
     done = np.zeros(input_ids.shape[0], bool)
     for step in range(max_new_tokens):
         if step > 0:
@@ -321,7 +322,7 @@ def generate_text(
         questions, a list of such lists. None: no images.
       on_text: called with each new piece of text of the first row as it is generated (streaming).
       pad_to_multiple: prompts are left-padded to a multiple of this to reuse compiled code.
-      sampling: `Sampling`; its eos_ids default to `tokenizer.stop_token_ids`, its pad id is the tokenizer's.
+      sampling: `Sampling`; eos_ids None means `tokenizer.stop_token_ids`; the pad id is the tokenizer's.
 
     Returns the answer text(s), cut at the first stop token.
     """
@@ -342,7 +343,7 @@ def generate_text(
     longest = max(len(e["input_ids"]) for e in examples)
     length = -(-longest // pad_to_multiple) * pad_to_multiple
     batch = processor.collate(examples, length, padding_side="left")
-    eos_ids = tuple(sampling.eos_ids or tokenizer.stop_token_ids)
+    eos_ids = tuple(tokenizer.stop_token_ids if sampling.eos_ids is None else sampling.eos_ids)
     sampling = dataclasses.replace(sampling, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id)
     args = (model, params, batch["pixel_values"], batch["input_ids"], batch["modality_ids"], max_new_tokens)
     kwargs = {"sampling": sampling}

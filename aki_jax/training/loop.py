@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from aki_jax import sharding
 from aki_jax.training import flops as flops_lib
 from aki_jax.training.checkpointing import Checkpointer, abstract_with_shardings
-from aki_jax.training.config import TrainConfig
+from aki_jax.training.config import PRETRAINED_SUBDIR, TrainConfig
 from aki_jax.training.data import DataBundle, build_data
 from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from aki_jax.training.reporting import Reporter, format_summary, plot_metrics
@@ -136,9 +136,7 @@ def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
     config = dataclasses.replace(
         config,
-        checkpoint=dataclasses.replace(
-            config.checkpoint, dir=config.checkpoint.dir.format(attention=config.model.attention)
-        ),
+        checkpoint=dataclasses.replace(config.checkpoint, dir=str(config.checkpoint.run_dir(config.model.attention))),
     )
     out_dir = Path(config.checkpoint.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +195,7 @@ def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
         peak_flops=_peak_flops(config),
         n_trainable=n_trainable,
         # Decided before any process could export, so that all processes agree (the export is collective).
-        export=config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists(),
+        export=config.checkpoint.export_pretrained and not (out_dir / PRETRAINED_SUBDIR / "params").exists(),
     )
 
 
@@ -267,7 +265,7 @@ def finish(job: Job, outcome: Outcome) -> dict:
         summary["best_checkpoint_step"] = best_step
     if step == total:
         if job.export:
-            model_dir = out_dir.absolute() / "model"
+            model_dir = out_dir.absolute() / PRETRAINED_SUBDIR
             summary["pretrained_dir"] = str(_export(model_dir, config.model, outcome.state["params"], job.data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
