@@ -149,22 +149,14 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, ru
     return PartitionSpec(*out)
 
 
-def tree_shardings(shapes, logical_specs, mesh: Mesh, rules):
-    """NamedSharding tree for a (ShapeDtypeStruct tree, logical PartitionSpec tree) pair."""
-    return jax.tree.map(
-        lambda s, spec: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
-        shapes,
-        logical_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+def boxed_shardings(boxed, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of an abstract tree whose leaves may be logically boxed.
 
-
-def param_shardings(config, mesh: Mesh, rules):
-    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
-    from aki_jax.model import abstract_params  # the model does not import sharding; avoid a cycle anyway
-
-    shapes, logical = abstract_params(config)
-    # abstract_params' spec tree has PartitionSpec leaves where the shape tree has arrays.
+    Boxed leaves (`nn.LogicallyPartitioned`, e.g. params and optimizer moments derived from them) map
+    through `logical_to_spec`; unboxed ones (step counters) are replicated.
+    """
+    shapes, logical = nn.unbox(boxed), nn.get_partition_spec(boxed)
+    # The spec tree has PartitionSpec leaves where the shape tree has arrays.
     shardings = jax.tree.map(
         lambda spec, s: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
         logical,
@@ -172,6 +164,13 @@ def param_shardings(config, mesh: Mesh, rules):
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     return shapes, shardings
+
+
+def param_shardings(config, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
+    from aki_jax.model import boxed_abstract_params  # the model does not import sharding; avoid a cycle anyway
+
+    return boxed_shardings(boxed_abstract_params(config), mesh, rules)
 
 
 def batch_spec(ndim: int, rules) -> PartitionSpec:

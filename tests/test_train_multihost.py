@@ -1,6 +1,6 @@
-"""Multi-host training: `python train.py` as two real JAX processes (2 CPU devices each, gloo collectives,
-`jax.distributed` initialised from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on one
-2x2 (data x fsdp) mesh.
+"""Multi-host training: `aki-train` (through tests/train_with_hooks.py: example ids and faults) as two real
+JAX processes (2 CPU devices each, gloo collectives, `jax.distributed` initialised from
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on one 2x2 (data x fsdp) mesh.
 
 - On synthetic data (whose global batch does not depend on the process count) two processes end where one
   process with the same four devices ends.
@@ -42,7 +42,6 @@ COMMON = [
     "logging.progress_bar=false",
     "logging.tensorboard=false",
     "logging.plot=false",
-    "logging.record_example_ids=true",
     "logging.peak_flops_per_device=1e12",
     "eval.max_batches=1",
 ]
@@ -116,7 +115,8 @@ def launch(argv: list[str], cache: Path, processes: int = 2, env_extra=None) -> 
 
 
 def train(run_dir: Path, cache: Path, *extra: str, processes: int = 2, env=None) -> list[subprocess.CompletedProcess]:
-    return launch([str(ROOT / "train.py"), *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes, env)
+    hooked = [str(ROOT / "tests" / "train_with_hooks.py"), "--record-example-ids"]
+    return launch([*hooked, *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes, env)
 
 
 def assert_ok(runs, code: int = 0):
@@ -179,7 +179,7 @@ def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, ca
     interrupted = tmp_path / "interrupted"
     # A preemption notice reaching process 1 only: the processes agree on a later step (when depends on
     # timing), both save it and exit cleanly.
-    preempted = train(interrupted, cache, *digits, "fault.sigterm_at_step=1", "fault.process=1")
+    preempted = train(interrupted, cache, *digits, "--sigterm-at-step=1", "--hook-process=1")
     assert_ok(preempted)
     saved_steps = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     stop = saved_steps[-1]
@@ -187,7 +187,7 @@ def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, ca
     assert f"SIGTERM: saving checkpoint at step {stop} before exiting" in preempted[0].stdout
     saved = json.loads((interrupted / "checkpoints" / str(stop) / "data" / "metadata").read_text())
     assert len(saved["processes"]) == 2
-    killed = train(interrupted, cache, *digits, "--resume", f"fault.kill_at_step={stop + 1}")
+    killed = train(interrupted, cache, *digits, "--resume", f"--kill-at-step={stop + 1}")
     assert_ok(killed, -9)  # both hosts die with no cleanup, one step after the last save
     assert_ok(train(interrupted, cache, *digits, "--resume"))
 
@@ -211,8 +211,8 @@ def test_without_the_preemption_service_a_one_host_sigterm_still_stops_both(tmp_
         cache,
         "synthetic_data=true",
         "steps=6",
-        "fault.sigterm_at_step=2",
-        "fault.process=1",
+        "--sigterm-at-step=2",
+        "--hook-process=1",
         env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"},
     )
     assert_ok(runs)

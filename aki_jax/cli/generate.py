@@ -71,7 +71,7 @@ def _body(argv: list[str]) -> int:
     _check_arguments(args)
 
     from aki_jax.checkpoint import check_pretrained_folder, load_pretrained
-    from aki_jax.generation import generate_text
+    from aki_jax.generation import Sampling, generate_text
 
     folder = check_pretrained_folder(args.checkpoint, "--checkpoint")
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
@@ -95,10 +95,7 @@ def _body(argv: list[str]) -> int:
         images,
         max_new_tokens=args.max_new_tokens,
         on_text=None if args.no_stream else show,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
+        sampling=Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed),
     )
     print(answer if args.no_stream else "", flush=True)
     if args.timing:

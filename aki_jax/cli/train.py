@@ -24,7 +24,7 @@ from aki_jax.cli import UsageError, make_parser, run_command
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_digits.py"
 
 
-def _body(argv: list[str]) -> int:
+def _body(argv: list[str], callbacks=()) -> int:
     parser = make_parser(__doc__, prog="aki-train")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file defining get_config()")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
@@ -64,13 +64,14 @@ def _body(argv: list[str]) -> int:
     from aki_jax.sharding import finish_distributed
     from aki_jax.training.loop import train
 
-    train(config)
+    train(config, callbacks=callbacks)
     finish_distributed("aki-train-finished")  # multi-host: all processes agree before teardown
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_command(_body, argv)
+def main(argv: list[str] | None = None, callbacks=()) -> int:
+    """`callbacks`: passed to `aki_jax.training.loop.train` (the tests' fault and example-id hooks)."""
+    return run_command(lambda args: _body(args, callbacks), argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from aki_jax.data import records
 from aki_jax.data.paths import resolve_files
 from aki_jax.data.records import Bad
 from aki_jax.data.templates import format_question
+from aki_jax.processing.tokenizer import IMAGE_TOKEN
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -387,7 +388,7 @@ class LlavaSource(_JsonRecords):
         ]
         if empty:
             return Bad("empty_answer", self.name, where, f"gpt turn(s) {empty} are empty")
-        placeholders = sum(turn["content"].count(records.IMAGE_PLACEHOLDER) for turn in conversation)
+        placeholders = sum(turn["content"].count(IMAGE_TOKEN) for turn in conversation)
         if images and placeholders == 0:
             first_user = next(i for i, t in enumerate(conversation) if t["role"] == "user")
             turn = conversation[first_user]
