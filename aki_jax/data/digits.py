@@ -74,14 +74,14 @@ def _scan_split(split: str) -> str:
 def render(scan, image_size: int) -> np.ndarray:
     """f32[h, w] scan with values 0..16 -> uint8[image_size, image_size, 3], white on black.
 
-    A non-square scan (a pair: [8, 16]) is centred on a black square canvas first, so both digits keep
-    their proportions.
+    A wide scan (a pair: [8, 16]) is drawn along the top of a black square canvas, so both digits keep
+    their proportions; with a patch as wide as one digit (`tiny_digits`: 16-pixel images, 8-pixel
+    patches) each digit is exactly one patch.
     """
     scan = np.asarray(scan)
     side = max(scan.shape)
     canvas = np.zeros((side, side), np.float32)
-    top, left = (side - scan.shape[0]) // 2, (side - scan.shape[1]) // 2
-    canvas[top : top + scan.shape[0], left : left + scan.shape[1]] = scan
+    canvas[: scan.shape[0], : scan.shape[1]] = scan
     gray = Image.fromarray(np.clip(np.round(canvas * (255.0 / 16.0)), 0, 255).astype(np.uint8))
     gray = gray.resize((image_size, image_size), Image.Resampling.BILINEAR)
     return np.repeat(np.asarray(gray)[..., None], 3, axis=-1)
