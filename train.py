@@ -1,51 +1,6 @@
-"""Train AKI.
+"""`python train.py` = `aki-train`: see aki_jax/cli/train.py."""
 
-  python train.py                                   # configs/tiny_digits.py: a few minutes on a laptop CPU
-  python train.py attention=causal                  # the same job with plain causal attention (ablation)
-  python train.py --config configs/aki4b_sft.py --init-from /ckpt/aki-4b mesh.fsdp=-1 mesh.data=1
-  python train.py --resume [same overrides]         # continue exactly from the latest checkpoint
-  python train.py --print-config                    # show the resolved config and exit
-
-Overrides are `key=value` with dotted paths into `aki_jax.training.TrainConfig` (`optim.lr=3e-4`,
-`model.decoder.num_layers=4`, `data.batch_size=64`); short aliases: see `aki_jax.training.config.ALIASES`.
-"""
-
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
-import logging
-from pathlib import Path
-
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny_digits.py"
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config file defining get_config()")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in checkpoint.dir")
-    parser.add_argument("--init-from", default=None, help="pretrained folder (aki_jax.load_pretrained) to start from")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides (dotted paths)")
-    args = parser.parse_intermixed_args(argv)
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from aki_jax.training.config import apply_overrides, load_config_file
-
-    config = apply_overrides(load_config_file(args.config), args.overrides)
-    if args.resume:
-        config = dataclasses.replace(config, resume=True)
-    if args.init_from:
-        config = dataclasses.replace(config, init_from=args.init_from)
-    if args.print_config:
-        print(json.dumps(config.to_dict(), indent=2))
-        return None
-
-    from aki_jax.training.loop import train
-
-    return train(config)
-
+from aki_jax.cli.train import main
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,7 +6,7 @@
 
 Steps (all in this run): write `released/` (config.json, SigLIP/Phi-3 sub-configs, model.safetensors with
 every original key incl. the SigLIP pooling head); time a plain copy of model.safetensors (read + write +
-fsync) as the baseline; run `tools/convert_pytorch_to_orbax.py` in a child process and read its peak
+fsync) as the baseline; run `aki-convert` (`python -m aki_jax.cli.convert`) in a child process and read its peak
 resident memory from the OS (getrusage of the child); optionally export back and check a few tensors
 bit for bit. Prints a table and one JSON line. Goals: peak RSS <= checkpoint/2, time <= 2x the copy.
 """
@@ -26,13 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from aki_jax.config import aki_4b  # noqa: E402
-from aki_jax.convert.hf_config import phi3_config_dict, siglip_config_dict  # noqa: E402
-from aki_jax.convert.mapping import TABLE, as_dtype, expected_torch_shapes, leaf_shape, num_layers  # noqa: E402
-from aki_jax.convert.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
+from aki_jax.config import aki_4b
+from aki_jax.convert.hf_config import phi3_config_dict, siglip_config_dict
+from aki_jax.convert.mapping import TABLE, as_dtype, expected_torch_shapes, leaf_shape, num_layers
+from aki_jax.convert.safetensors_io import SafetensorsFile, write_safetensors
 
 
 def scaled_config(scale: float):
@@ -152,8 +149,9 @@ def main() -> None:
 
         copy_s = plain_copy(work / "released" / "model.safetensors", work / "copy.safetensors")
         (work / "copy.safetensors").unlink()
-        tool = str(ROOT / "tools" / "convert_pytorch_to_orbax.py")
-        convert_s, convert_rss = run_child([tool, "--src", str(work / "released"), "--dst", str(work / "jax")])
+        convert_s, convert_rss = run_child(
+            ["-m", "aki_jax.cli.convert", "--src", str(work / "released"), "--dst", str(work / "jax")]
+        )
         written = dir_bytes(work / "jax")
         result = {
             "benchmark": "convert",
@@ -169,8 +167,9 @@ def main() -> None:
             "largest_leaf_bytes": largest_leaf_bytes(config, as_dtype(args.dtype)),
         }
         if args.export:
-            tool = str(ROOT / "tools" / "export_to_pytorch.py")
-            export_s, export_rss = run_child([tool, "--src", str(work / "jax"), "--dst", str(work / "back")])
+            export_s, export_rss = run_child(
+                ["-m", "aki_jax.cli.export", "--src", str(work / "jax"), "--dst", str(work / "back")]
+            )
             a, b = (
                 SafetensorsFile(work / "released" / "model.safetensors"),
                 SafetensorsFile(work / "back" / "model.safetensors"),

@@ -17,27 +17,20 @@ import argparse
 import functools
 import json
 import math
-import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from train_step import bench_config
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from train_step import bench_config  # noqa: E402
-
-from aki_jax import AKI, init_params  # noqa: E402
-from aki_jax.data import digits_tokenizer  # noqa: E402
-from aki_jax.evaluation import prompts  # noqa: E402
-from aki_jax.evaluation.items import Item  # noqa: E402
-from aki_jax.evaluation.scoring import ModelRunner, shared_prefix_row  # noqa: E402
-from aki_jax.processing import Processor  # noqa: E402
-from aki_jax.training.data import fit_vocabulary  # noqa: E402
+from aki_jax import AKI, init_params
+from aki_jax.data import digits_tokenizer
+from aki_jax.evaluation import prompts
+from aki_jax.evaluation.items import Item
+from aki_jax.evaluation.scoring import ModelRunner, shared_prefix_row
+from aki_jax.processing import Processor
+from aki_jax.training.data import fit_vocabulary
 
 WORDS = "a cat dog cup man digit seven three zero one shown in the picture drawn with black ink on white".split()
 

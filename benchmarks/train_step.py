@@ -6,7 +6,7 @@ a PyTorch implementation of the same step, and the same step with plain causal a
 
 Measured in one process, in this order: the peak FLOP/s of a large jitted matmul (the machine's ceiling
 for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch step (transformers' Phi-3 and
-SigLIP + a torch Perceiver resampler, `tests/torch_reference.py`, AdamW, frozen vision tower). FLOPs are
+SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW, frozen vision tower). FLOPs are
 the model FLOPs of `aki_jax.training.flops` (same count for all three). Prints a table and one JSON line.
 """
 
@@ -14,24 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from aki_jax import sharding as S  # noqa: E402
-from aki_jax.config import AKIConfig, DecoderConfig, ResamplerConfig, VisionConfig  # noqa: E402
-from aki_jax.training import flops  # noqa: E402
-from aki_jax.training.config import OptimizerConfig  # noqa: E402
-from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
-from aki_jax.training.state import count_params, init_state, state_shardings  # noqa: E402
-from aki_jax.training.step import make_train_step  # noqa: E402
-from aki_jax.training.synthetic import SyntheticBatches  # noqa: E402
+from aki_jax import sharding as S
+from aki_jax.config import AKIConfig, DecoderConfig, ResamplerConfig, VisionConfig
+from aki_jax.training import flops
+from aki_jax.training.config import OptimizerConfig
+from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from aki_jax.training.state import count_params, init_state, state_shardings
+from aki_jax.training.step import make_train_step
+from aki_jax.training.synthetic import SyntheticBatches
 
 
 def bench_config(dtype: str) -> AKIConfig:
@@ -83,8 +78,7 @@ def torch_step_time(config: AKIConfig, batch: dict, steps: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from torch_reference import AKIReference, modality_mask
+    from aki_jax.testing.torch_reference import AKIReference, modality_mask
 
     ref = AKIReference(config)
     for p in ref.vision_encoder.parameters():

@@ -1,23 +1,20 @@
 """Conversion PyTorch AKI <-> aki-jax: parity with a PyTorch forward, bit-exact round trips, bad inputs.
 
-A tiny random `AKIReference` (tests/torch_reference.py: transformers' SigLIP and Phi-3 plus an
+A tiny random `AKIReference` (aki_jax/testing/torch_reference.py: transformers' SigLIP and Phi-3 plus an
 independent resampler and added-token head, original key names) plays the released checkpoint.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import struct
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from torch_reference import IMAGE, PAD, QUERY, TEXT, AKIReference, expand_text, original_mma_mask
 
 import aki_jax
 from aki_jax.checkpoint import load_pretrained, save_pretrained
@@ -26,6 +23,7 @@ from aki_jax.convert.hf_config import phi3_config_dict, siglip_config_dict
 from aki_jax.convert.mapping import TABLE, params_to_torch, torch_to_params
 from aki_jax.convert.sources import open_checkpoint
 from aki_jax.model import abstract_params
+from aki_jax.testing.torch_reference import IMAGE, PAD, QUERY, TEXT, AKIReference, expand_text, original_mma_mask
 
 CONFIG = aki_jax.tiny()
 ASSISTANT = 7  # stands in for <|assistant|> in the tiny vocabulary
@@ -295,15 +293,10 @@ def test_existing_destination_is_not_overwritten(tmp_path, converted):
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_command_line_tools_convert_and_export(tmp_path, converted, capsys):
-    convert_tool, export_tool = _tool("convert_pytorch_to_orbax"), _tool("export_to_pytorch")
+    from aki_jax.cli import convert as convert_tool
+    from aki_jax.cli import export as export_tool
+
     src, _, _ = converted  # a released folder whose config.json names hub paths: sub-configs given by file
     (tmp_path / "lm.json").write_text(json.dumps(phi3_config_dict(CONFIG)))
     (tmp_path / "vision.json").write_text(json.dumps(siglip_config_dict(CONFIG)))

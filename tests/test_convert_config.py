@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from torch_reference import phi3_config, siglip_config
 
 import aki_jax
 from aki_jax.convert.hf_config import phi3_config_dict, siglip_config_dict, translate_config
 from aki_jax.convert.mapping import expected_torch_shapes
+from aki_jax.testing.torch_reference import phi3_config, siglip_config
 
 CONFIG = aki_jax.tiny()
 KEYS = list(expected_torch_shapes(CONFIG))

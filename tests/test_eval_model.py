@@ -428,17 +428,6 @@ def test_shared_prefix_row_refuses_what_it_cannot_score(processor):
         shared_prefix_row([])
 
 
-def _load_tool():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "tools" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("evaluate_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     model_and_params, tokenizer, benchmarks, tmp_path, single_device_runs, monkeypatch, capsys
 ):
@@ -452,7 +441,8 @@ def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     argv += ["--length-multiple", str(DIRECT_LENGTH), "--no-progress"]
     for f in files:
         argv += ["--benchmark", f]
-    tool = _load_tool()
+    from aki_jax.cli import evaluate as tool
+
     assert tool.main(argv) == 0
     table = capsys.readouterr().out
     assert "| mmbench | likelihood |" in table and "MME perception" in table and "POPE F1" in table
@@ -473,6 +463,38 @@ def test_evaluate_tool_on_a_saved_checkpoint_and_its_rerun(
     assert tool.main(argv) == 0
     assert tool.main(argv[:-6] + ["--mode", "generate", "--benchmark", files[0]]) == 1  # other settings refused
     assert "other settings (" in capsys.readouterr().err
+
+
+def test_evaluate_tool_skips_and_lists_undecodable_images(model_and_params, tokenizer, benchmarks, tmp_path, capsys):
+    """A truncated image and a decompression bomb among POPE's rows: listed, never scored; the rest as before."""
+    import base64
+
+    from test_eval_bad_inputs import _bomb_png, _truncated_png
+
+    from aki_jax.checkpoint import save_pretrained
+    from aki_jax.cli import evaluate as tool
+
+    model, params = model_and_params
+    tokenizer.save(tmp_path / "tok")
+    save_pretrained(tmp_path / "ckpt", model.config, params, tokenizer_dir=tmp_path / "tok")
+    pope = benchmarks[1]
+    text = open(pope.path, encoding="utf-8").read()
+    assert text.splitlines()[0].split("\t") == ["index", "question", "answer", "category", "image"]
+    lines = text.splitlines()
+    for index, data in ((90, _truncated_png()), (91, _bomb_png())):
+        lines.append(f"{index}\tIs there a cat in the image?\tyes\trandom\t{base64.b64encode(data).decode()}")
+    (tmp_path / "pope.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    argv = ["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "out"), "--batch-size", "8"]
+    argv += ["--length-multiple", str(DIRECT_LENGTH), "--no-progress", "--benchmark", str(tmp_path / "pope.tsv")]
+    assert tool.main(argv) == 0
+    assert "skipped (unreadable) 2" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "results.json").read_text())["pope"]
+    errors = result["read_errors"]
+    assert len(errors) == 2 and "truncated" in errors[0] and "decompression bomb" in errors[1]
+    assert errors[0].startswith(f"{tmp_path / 'pope.tsv'}:{len(lines) - 1}: index '90'")
+    assert result["scores"]["items"] == len(pope.items) and result["scores"]["read_errors"] == 2
+    got = [json.loads(x) for x in (tmp_path / "out" / "pope" / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in got] == [it.index for it in pope.items]
 
 
 WORKER = """

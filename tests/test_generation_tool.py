@@ -1,7 +1,4 @@
-"""tools/generate.py: a pretrained folder + image + prompt -> the answer, streamed, equal to the API."""
-
-import importlib.util
-from pathlib import Path
+"""aki-generate: a pretrained folder + image + prompt -> the answer, streamed, equal to the API."""
 
 import jax
 import numpy as np
@@ -9,16 +6,9 @@ from PIL import Image
 
 from aki_jax import init_params, tiny
 from aki_jax.checkpoint import load_pretrained, save_pretrained
+from aki_jax.cli.generate import main as generate_main
 from aki_jax.generation import generate_text
 from aki_jax.processing import SYSTEM_MESSAGE, train_tokenizer
-
-
-def load_tool():
-    path = Path(__file__).resolve().parents[1] / "tools" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_tool", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_tool_prints_the_streamed_answer(tmp_path, capsys):
@@ -31,13 +21,12 @@ def test_tool_prints_the_streamed_answer(tmp_path, capsys):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(image)
 
     argv = ["--checkpoint", str(tmp_path / "model"), "--image", str(image), "--prompt", "What is in the picture?"]
-    answer = load_tool().main(argv + ["--max-new-tokens", "5"])
+    assert generate_main(argv + ["--max-new-tokens", "5"]) == 0
     printed = capsys.readouterr().out
-    assert printed == answer + "\n"
 
     model, loaded, tokenizer = load_pretrained(tmp_path / "model")
     pieces = []  # the streaming path, as the tool runs it (reuses its compiled functions)
     expected = generate_text(
         model, loaded, tokenizer, "What is in the picture?", [image], max_new_tokens=5, on_text=pieces.append
     )
-    assert answer == expected == "".join(pieces)
+    assert printed == expected + "\n" and expected == "".join(pieces) and expected

@@ -9,7 +9,7 @@ import aki_jax
 from aki_jax.convert.mapping import torch_to_params
 from aki_jax.mask import TEXT
 from aki_jax.model import AKI
-from tests.torch_reference import AKIReference
+from aki_jax.testing.torch_reference import AKIReference
 
 TOLERANCE = 1e-4
 

@@ -35,9 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser(doc: str | None, prog: str | None = None, **kwargs) -> argparse.ArgumentParser:
     """An argument parser for a command: its docstring as description, `--debug` accepted everywhere."""
-    parser = _Parser(
-        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs
-    )
+    parser = _Parser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
     parser.add_argument(
         "--debug", action="store_true", help=f"show the full traceback of an error (or set {DEBUG_ENV}=1)"
     )

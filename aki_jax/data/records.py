@@ -15,17 +15,18 @@ In a chat, each image appears as one literal `<image>` in the text where it belo
 convention); sources that only have a question put `<image>\\n` in front of it.
 
 `decode_images` opens and decodes the ImageRefs (PIL images, or the arrays as given); a missing or
-corrupt image makes the example a `Bad` record, which the pipeline counts and drops.
+corrupt image (an `ImageError`) makes the example a `Bad` record, which the pipeline counts and drops.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 
 import numpy as np
-from PIL import Image
+
+from aki_jax.processing.image import ImageError
+from aki_jax.processing.image import open_image as processing_open_image
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -59,32 +60,20 @@ def question_answer(question: str, answer: str, n_images: int = 1) -> list[dict]
 
 
 def open_image(ref):
-    """ImageRef -> a fully decoded PIL image in its own mode (or the uint8 array itself).
+    """ImageRef -> a fully decoded PIL image in its own mode (`aki_jax.processing.open_image`).
 
-    Mode conversion, EXIF orientation and resizing are left to `aki_jax.processing.preprocess_image`,
-    which handles palette, alpha and 16-bit images faithfully. Raises OSError/ValueError for missing
-    or undecodable images.
+    Mode conversion and resizing are left to `aki_jax.processing.preprocess_image`, which handles
+    palette, alpha and 16-bit images faithfully. Raises `ImageError` naming the image.
     """
-    if isinstance(ref, np.ndarray):
-        if ref.ndim not in (2, 3) or (ref.ndim == 3 and ref.shape[-1] not in (1, 3, 4)):
-            raise ValueError(f"image array must be [H, W] or [H, W, 1|3|4], got shape {ref.shape}")
-        return ref
-    if isinstance(ref, (str, os.PathLike)):
-        with open(ref, "rb") as f:
-            ref = f.read()
-    if not isinstance(ref, (bytes, bytearray, memoryview)):
-        raise ValueError(f"unsupported image reference of type {type(ref).__name__}")
-    image = Image.open(io.BytesIO(ref))
-    image.load()  # Image.open is lazy: a truncated file only fails here
-    return image
+    if not isinstance(ref, (str, os.PathLike, bytes, bytearray, memoryview, np.ndarray)):
+        raise ImageError(f"unsupported image reference of type {type(ref).__name__}")
+    name = None if isinstance(ref, (str, os.PathLike)) else f"{type(ref).__name__} image"
+    return processing_open_image(ref, name=name, keep_mode=True)
 
 
 def decode_image(ref) -> np.ndarray:
-    """ImageRef -> uint8[H, W, 3] (RGB conversion by PIL; for inspection and tests)."""
-    image = open_image(ref)
-    if isinstance(image, np.ndarray):
-        return np.asarray(Image.fromarray(image.squeeze()).convert("RGB"))
-    return np.asarray(image.convert("RGB"))
+    """ImageRef -> uint8[H, W, 3] (for inspection and tests)."""
+    return np.asarray(open_image(ref).convert("RGB"))
 
 
 def decode_images(example: dict) -> dict | Bad:
@@ -93,11 +82,10 @@ def decode_images(example: dict) -> dict | Bad:
         return example
     decoded = []
     for ref in example["images"]:
+        if isinstance(ref, (str, os.PathLike)) and not os.path.exists(ref):
+            return Bad("missing_image", example["source"], example["id"], str(ref))
         try:
             decoded.append(open_image(ref))
-        except FileNotFoundError:
-            return Bad("missing_image", example["source"], example["id"], str(ref))
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            name = ref if isinstance(ref, str) else f"{type(ref).__name__}"
-            return Bad("bad_image", example["source"], example["id"], f"{name}: {e}")
+        except ImageError as e:
+            return Bad("bad_image", example["source"], example["id"], str(e))
     return {**example, "images": decoded}

@@ -16,7 +16,14 @@ from aki_jax.evaluation.items import OPTION_LETTERS, TASKS, ImageSource, Item
 from aki_jax.evaluation.metrics import benchmark_scores, markdown_table, mme_scores, pope_scores
 from aki_jax.evaluation.prompts import candidate_answers, user_prompt
 from aki_jax.evaluation.readers import Benchmark, read_benchmark
-from aki_jax.evaluation.runner import Distribution, ItemFailed, evaluate_benchmark, merge_predictions, run_predictions
+from aki_jax.evaluation.runner import (
+    Distribution,
+    ItemFailed,
+    ItemUnreadable,
+    evaluate_benchmark,
+    merge_predictions,
+    run_predictions,
+)
 from aki_jax.evaluation.vqa import normalize_answer, vqa_accuracy
 
 __all__ = [
@@ -27,6 +34,7 @@ __all__ = [
     "ImageSource",
     "Item",
     "ItemFailed",
+    "ItemUnreadable",
     "benchmark_scores",
     "candidate_answers",
     "evaluate_benchmark",

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from aki_jax.evaluation.vqa import strip_punctuation
+
 _LEADING_LETTER = re.compile(r"^\(?([A-H])(?:[\s.):,]|$)")
 _ANSWER_IS = re.compile(r"\b(?i:answer|option|choice)\s*(?i:is)?\s*:?\s*\(?([A-H])\b")
 _LONE_LETTER = re.compile(r"(?<![A-Za-z'])\(?([A-H])\)?(?![A-Za-z'])")
@@ -53,13 +55,14 @@ def extract_choice(text: str, options) -> str | None:
 
 
 def extract_yes_no(text: str) -> str | None:
-    """ "yes"/"no" from a generated answer: the first word if it is one, else the only one of the two
-    that occurs as a word; None when neither or both occur."""
-    words = re.findall(r"[a-z]+", text.lower())
-    if not words:
-        return None
-    if words[0] in ("yes", "no"):
-        return words[0]
+    """ "yes"/"no" when exactly one of the two occurs as a word, else None (unparsed).
+
+    VLMEvalKit's rule (`YOrN_Extraction` in vlmeval/dataset/utils/yorn.py, without its judge-model
+    fallback): lower case, the VQA punctuation step (`vqa.strip_punctuation`: "Yes/No" -> "yes no"),
+    split on whitespace. So "No doubt, yes.", "Yes and no" and "yes there is no dog" are None, as is
+    an answer with neither word.
+    """
+    words = strip_punctuation(text.lower()).split()
     has_yes, has_no = "yes" in words, "no" in words
     if has_yes != has_no:
         return "yes" if has_yes else "no"

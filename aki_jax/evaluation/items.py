@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +36,17 @@ class ImageSource:
         return Path(self.path).read_bytes()
 
     def load(self):
-        """The decoded image as a PIL image (RGB conversion is the processor's job)."""
-        from PIL import Image
+        """The fully decoded image, in its own mode (`aki_jax.processing.open_image` with keep_mode:
+        `preprocess_image` converts it faithfully). Raises `ImageError` naming this source."""
+        from aki_jax.processing.image import ImageError, open_image
 
-        image = Image.open(io.BytesIO(self.read_bytes()))
-        image.load()
-        return image
+        if self.base64 is None:
+            return open_image(self.path, name=self.describe(), keep_mode=True)
+        try:
+            data = self.read_bytes()
+        except ValueError as e:  # binascii.Error: not base64
+            raise ImageError(f"{self.describe()}: not base64 ({e})") from None
+        return open_image(data, name=self.describe(), keep_mode=True)
 
     def describe(self) -> str:
         return f"base64 ({len(self.base64)} chars)" if self.base64 is not None else f"file {self.path}"

@@ -8,11 +8,18 @@ not be parsed (None) or an item that failed (`error`) scores 0: dropping them wo
 
 POPE (any yes/no items; "yes" is the positive class): accuracy, precision, recall, F1 and the ratio
 of "yes" answers, overall and per category (POPE's categories are its adversarial/popular/random splits).
-An unparsed answer is neither a true nor a false positive; it counts as wrong in accuracy.
+An unparsed answer is neither a true nor a false positive; it counts as wrong in accuracy. As in
+VLMEvalKit's `POPE_rating`, a row whose `category` lists several splits ("adversarial,random": one
+question that VLMEvalKit's POPE.tsv shares between splits) counts once in each of its splits, in the
+per-split figures and in the overall POPE figures alike (`pope.rows` unique rows, `pope.shared_rows`
+of them in several splits, `pope.overall.count` rows after the expansion). The per-category accuracy of
+yes/no items uses the same expansion; the benchmark's top-level `accuracy` is over unique items.
 
 MMBench circular evaluation (VLMEvalKit's TSVs hold each question's option rotations at indices
 i + k * 1,000,000): when multiple-choice items share `index % 1,000,000`, `circular_accuracy` counts a
-question right only if every rotation is right. `accuracy` stays the per-item mean.
+question right only if every rotation is right; per category and per `l2-category` (an extra column
+of MMBench's TSVs) too, a question taking the category of its lowest-index row, as VLMEvalKit's
+`report_acc` over its circular results does. `accuracy` stays the per-item mean.
 
 MME (when yes/no categories are MME's): per category, acc = correct questions / questions and
 acc+ = images with every question right / images (MME asks two questions per image); the category
@@ -120,15 +127,54 @@ def mme_scores(records) -> dict:
 CIRCULAR_STRIDE = 1_000_000
 
 
-def circular_accuracy(records) -> float | None:
-    """MMBench's circular rule (see the module docstring); None when no question has rotations."""
+def _circular_questions(records) -> list[list[dict]]:
+    """Multiple-choice records grouped by question (`index % CIRCULAR_STRIDE`), lowest index first."""
     groups = defaultdict(list)
     for r in records:
         if isinstance(r["index"], int):
-            groups[r["index"] % CIRCULAR_STRIDE].append(r["score"])
-    if not any(len(g) > 1 for g in groups.values()):
+            groups[r["index"] % CIRCULAR_STRIDE].append(r)
+    return [sorted(g, key=lambda r: r["index"]) for g in groups.values()]
+
+
+def _all_right(question: list[dict]) -> float:
+    return float(all(r["score"] == 1.0 for r in question))
+
+
+def circular_accuracy(records) -> float | None:
+    """MMBench's circular rule (see the module docstring); None when no question has rotations."""
+    questions = _circular_questions(records)
+    if not any(len(q) > 1 for q in questions):
         return None
-    return _mean(float(all(s == 1.0 for s in g)) for g in groups.values())
+    return _mean(_all_right(q) for q in questions)
+
+
+def pope_splits(category: str) -> list[str]:
+    """The POPE splits a row belongs to: `category` split at commas ("adversarial,random")."""
+    splits = [c.strip() for c in category.split(",") if c.strip()]
+    return splits or [category.strip()]
+
+
+def _l2_category(record) -> str:
+    value = (record.get("extra") or {}).get("l2-category")
+    return "" if value is None else str(value).strip()
+
+
+def _grouped(records, key) -> dict:
+    """{group: {"accuracy", "count"[, "circular_accuracy", "questions"]}}; key(record) -> [group, ...]."""
+    by_group = defaultdict(list)
+    for r in records:
+        for group in key(r):
+            by_group[group].append(r)
+    circular = [r for r in records if r["task"] == "multiple_choice"]
+    questions = _circular_questions(circular) if circular_accuracy(circular) is not None else []
+    out = {}
+    for group, rs in sorted(by_group.items(), key=lambda kv: kv[0]):
+        out[group] = {"accuracy": _mean(r["score"] for r in rs), "count": len(rs)}
+        mine = [q for q in questions if group in key(q[0])]
+        if mine:
+            out[group]["circular_accuracy"] = _mean(_all_right(q) for q in mine)
+            out[group]["questions"] = len(mine)
+    return out
 
 
 def is_mme(records) -> bool:
@@ -138,24 +184,36 @@ def is_mme(records) -> bool:
 
 
 def benchmark_scores(records, read_errors: int = 0) -> dict:
-    """All scores of one benchmark from its merged records (sorted or not)."""
+    """All scores of one benchmark from its merged records (sorted or not).
+
+    Records marked `unreadable` (an image that stopped decoding after the file was read) are left out
+    of everything but `unreadable` / `unreadable_indices`, like the rows the reader skipped.
+    """
+    unreadable = [r["index"] for r in records if r.get("unreadable")]
+    records = [r for r in records if not r.get("unreadable")]
     scored = [r for r in records if r["score"] is not None]
+    unparsed = [r["index"] for r in records if r["prediction"] is None and not r.get("error")]
     result = {
         "items": len(records),
         "scored": len(scored),
         "unscored": len(records) - len(scored),
-        "unparsed": sum(r["prediction"] is None and not r.get("error") for r in records),
+        "unparsed": len(unparsed),
+        "unparsed_indices": unparsed,
         "failed": sum(bool(r.get("error")) for r in records),
         "read_errors": read_errors,
+        "unreadable": len(unreadable),
+        "unreadable_indices": unreadable,
         "accuracy": _mean(r["score"] for r in scored),
     }
-    categories = defaultdict(list)
-    for r in scored:
-        categories[r["category"]].append(r["score"])
-    if len(categories) > 1 or (categories and "" not in categories):
-        result["per_category"] = {
-            c: {"accuracy": _mean(s), "count": len(s)} for c, s in sorted(categories.items(), key=lambda kv: kv[0])
-        }
+
+    def categories(r):
+        return pope_splits(r["category"]) if r["task"] == "yes_no" else [r["category"]]
+
+    per_category = _grouped(scored, categories)
+    if len(per_category) > 1 or (per_category and "" not in per_category):
+        result["per_category"] = per_category
+    if any(_l2_category(r) for r in scored):
+        result["per_l2_category"] = _grouped([r for r in scored if _l2_category(r)], lambda r: [_l2_category(r)])
     tasks = defaultdict(list)
     for r in scored:
         tasks[r["task"]].append(r["score"])
@@ -167,10 +225,15 @@ def benchmark_scores(records, read_errors: int = 0) -> dict:
 
     yes_no = [r for r in scored if r["task"] == "yes_no"]
     if yes_no:
-        pope = {"overall": pope_scores(yes_no)}
+        expanded = [(split, r) for r in yes_no for split in pope_splits(r["category"])]
+        pope = {
+            "overall": pope_scores([r for _, r in expanded]),
+            "rows": len(yes_no),
+            "shared_rows": sum(len(pope_splits(r["category"])) > 1 for r in yes_no),
+        }
         by_split = defaultdict(list)
-        for r in yes_no:
-            by_split[r["category"]].append(r)
+        for split, r in expanded:
+            by_split[split].append(r)
         if len(by_split) > 1:
             pope["per_category"] = {c: pope_scores(rs) for c, rs in sorted(by_split.items())}
         result["pope"] = pope
@@ -201,8 +264,11 @@ def markdown_table(results: dict) -> str:
         elif "pope" in s:
             p = s["pope"]["overall"]
             extra.append(f"POPE F1 {_fmt(p['f1'])}, precision {_fmt(p['precision'])}, recall {_fmt(p['recall'])}")
-        if s["unparsed"] or s["failed"] or s["read_errors"]:
-            extra.append(f"unparsed {s['unparsed']}, failed {s['failed']}, bad rows {s['read_errors']}")
+            if s["pope"].get("shared_rows"):
+                extra.append(f"{s['pope']['shared_rows']} rows in several splits")
+        skipped = s["read_errors"] + s.get("unreadable", 0)
+        if s["unparsed"] or s["failed"] or skipped:
+            extra.append(f"unparsed {s['unparsed']}, failed {s['failed']}, skipped (unreadable) {skipped}")
         lines.append(
             f"| {name} | {r['mode']} | {s['items']} | {s['scored']} | {_fmt(s['accuracy'])} | {'; '.join(extra)} |"
         )
@@ -212,8 +278,14 @@ def markdown_table(results: dict) -> str:
             lines += ["", f"**{name}** (MME)", "", "| category | acc (%) | acc+ (%) | score |", "|---|---:|---:|---:|"]
             for c, v in s["mme"]["categories"].items():
                 lines.append(f"| {c} | {_fmt(v['acc'])} | {_fmt(v['acc_plus'])} | {v['score']:.2f} |")
-        elif "per_category" in s:
-            lines += ["", f"**{name}** per category", "", "| category | count | accuracy (%) |", "|---|---:|---:|"]
-            for c, v in s["per_category"].items():
-                lines.append(f"| {c or '(none)'} | {v['count']} | {_fmt(v['accuracy'])} |")
+        for key, title in (("per_category", "category"), ("per_l2_category", "l2-category")):
+            if key not in s or (key == "per_category" and "mme" in s):
+                continue
+            rows = s[key]
+            circular = any("circular_accuracy" in v for v in rows.values())
+            head = f"| {title} | count | accuracy (%) |" + (" circular (%) |" if circular else "")
+            lines += ["", f"**{name}** per {title}", "", head, "|---|---:|---:|" + ("---:|" if circular else "")]
+            for c, v in rows.items():
+                row = f"| {c or '(none)'} | {v['count']} | {_fmt(v['accuracy'])} |"
+                lines.append(row + (f" {_fmt(v.get('circular_accuracy'))} |" if circular else ""))
     return "\n".join(lines) + "\n"

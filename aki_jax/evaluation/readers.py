@@ -16,9 +16,17 @@ TSV columns (tab-separated, pandas-style quoting; the header names them, order f
 JSONL: one object per line with the same keys; options may also be given as `"options": {"A": ..}` or
 `"options": ["..", ".."]` (lettered in order) and references as `"answers": [..]`.
 
+Column (and JSONL key) names are matched without regard to case ("Question" is `question`, "a" is `A`);
+a UTF-8 byte-order mark before the header is ignored, as pandas (and so VLMEvalKit) ignores it.
+
 The task is inferred per row (options -> multiple_choice; a list of references -> vqa; yes/no -> yes_no;
-anything else -> vqa) unless `task=` forces it. Bad rows are reported in `Benchmark.errors` with file,
-line and reason, and skipped; they never stop the reading.
+anything else -> vqa) unless `task=` forces it.
+
+One rule for what cannot be read: a row that cannot be read or whose image does not decode (every image
+is fully decoded here, once per distinct image, so truncated data and decompression bombs are caught
+now) is skipped and reported in `Benchmark.errors` as "file:line: reason"; it is never predicted or
+scored. A file that cannot be a benchmark at all is a ValueError naming the file: empty, a header and no
+rows, no `index` or `question` column (no row with that key, in JSONL), or no row that could be read.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ from aki_jax.evaluation.items import OPTION_LETTERS, TASKS, ImageSource, Item, i
 
 KNOWN_COLUMNS = {"index", "image", "image_path", "question", "hint", "answer", "answers", "category", "options"}
 KNOWN_COLUMNS |= set(OPTION_LETTERS)
+REQUIRED_COLUMNS = ("index", "question")
+_CANONICAL = {name.lower(): name for name in KNOWN_COLUMNS}
 ABSENT = {"", "nan", "NaN", "None", "none", "null"}
 IMAGE_REFERENCE_MAX_CHARS = 64  # VLMEvalKit's rule: an `image` cell this short names another row
 
@@ -70,37 +80,57 @@ def read_benchmark(path, task: str | None = None, name: str | None = None, image
     else:
         raise ValueError(f"benchmark file {path}: unknown format {suffix!r} (expected .tsv or .jsonl)")
     root = Path(image_root) if image_root is not None else path.parent
-    return _build(name or path.stem, str(path), rows, task, root)
+    benchmark = _build(name or path.stem, str(path), rows, task, root)
+    if not benchmark.items:
+        raise ValueError(
+            f"{path}: none of its {len(benchmark.errors)} rows could be read (first: {benchmark.errors[0]})"
+        )
+    return benchmark
+
+
+def _canonical(names) -> list[str]:
+    """Known column names in their canonical case ("Question" -> "question", "a" -> "A"); others as given."""
+    return [_CANONICAL.get(str(n).strip().lower(), str(n).strip()) for n in names]
 
 
 def _tsv_rows(path: Path):
     """Yields (line, dict | RowError). Base64 images overflow csv's default field limit, hence the raise."""
     csv.field_size_limit(2**31 - 1)
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
         reader = csv.reader(f, delimiter="\t", quotechar='"')
         try:
             header = next(reader)
         except StopIteration:
-            return
-        header = [h.strip() for h in header]
-        if "index" not in header:
-            raise ValueError(f"{path}: the header has no `index` column (columns: {header[:20]})")
+            raise ValueError(f"{path}: empty file (a benchmark TSV starts with a header row)") from None
+        header = _canonical(header)
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            raise ValueError(f"{path}: columns {twice} appear more than once (names are matched without case)")
+        for column in REQUIRED_COLUMNS:
+            if column not in header:
+                raise ValueError(f"{path}: the header has no `{column}` column (columns: {header[:20]})")
         line = reader.line_num
+        rows = 0
         for cells in reader:
             start, line = line + 1, reader.line_num
             if not any(c.strip() for c in cells):
                 continue
+            rows += 1
             if len(cells) != len(header):
                 yield start, RowError(f"{len(cells)} cells, the header has {len(header)}")
                 continue
             yield start, dict(zip(header, cells, strict=True))
+        if not rows:
+            raise ValueError(f"{path}: a header but no rows")
 
 
 def _jsonl_rows(path: Path):
-    with open(path, encoding="utf-8") as f:
+    seen_keys, rows = set(), 0
+    with open(path, encoding="utf-8-sig") as f:
         for line_number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            rows += 1
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
@@ -109,7 +139,19 @@ def _jsonl_rows(path: Path):
             if not isinstance(row, dict):
                 yield line_number, RowError(f"expected a JSON object, got {type(row).__name__}")
                 continue
+            keys = _canonical(row)
+            twice = sorted({k for k in keys if keys.count(k) > 1})
+            if twice:
+                yield line_number, RowError(f"keys {twice} appear more than once (names are matched without case)")
+                continue
+            row = dict(zip(keys, row.values(), strict=True))
+            seen_keys.update(row)
             yield line_number, row
+    if not rows:
+        raise ValueError(f"{path}: empty file (a benchmark JSONL holds one JSON object per line)")
+    for column in REQUIRED_COLUMNS:
+        if seen_keys and column not in seen_keys:
+            raise ValueError(f"{path}: no row has a `{column}` key (keys: {sorted(seen_keys)[:20]})")
 
 
 def _build(name, where, rows, task, root) -> Benchmark:
@@ -123,10 +165,10 @@ def _build(name, where, rows, task, root) -> Benchmark:
         if "index" in row and _text(row.get("image")):
             raw_images[parse_index(row["index"])] = _text(row["image"])
 
-    items, seen = [], set()
+    items, seen, decoded = [], set(), {}
     for line, row in parsed:
         try:
-            item = _item(row, task, root, raw_images)
+            item = _item(row, task, root, raw_images, decoded)
             if item.index in seen:
                 raise RowError(f"duplicate index {item.index!r}")
         except RowError as e:
@@ -146,7 +188,7 @@ def _text(value) -> str:
     return "" if text.strip() in ABSENT else text
 
 
-def _item(row: dict, task, root: Path, raw_images: dict) -> Item:
+def _item(row: dict, task, root: Path, raw_images: dict, decoded: dict) -> Item:
     if _text(row.get("index")) == "":
         raise RowError("no `index`")
     index = parse_index(row["index"])
@@ -170,7 +212,7 @@ def _item(row: dict, task, root: Path, raw_images: dict) -> Item:
             raise RowError(f"yes/no answer expected, got {list(answers)}")
     else:
         answers = tuple(str(a) for a in answers)
-    image, group = _image(row, index, root, raw_images)
+    image, group = _image(row, index, root, raw_images, decoded)
     extra = {k: v for k, v in row.items() if k not in KNOWN_COLUMNS}
     return Item(
         index=index,
@@ -233,8 +275,11 @@ def _infer_task(options, answers, row) -> str:
     return "yes_no" if raw.lower() in ("yes", "no") else "vqa"
 
 
-def _image(row: dict, index, root: Path, raw_images: dict) -> tuple[ImageSource | None, str]:
-    """The row's image and its group key (MME pairs: questions sharing an image share a group)."""
+def _image(row: dict, index, root: Path, raw_images: dict, decoded: dict) -> tuple[ImageSource | None, str]:
+    """The row's image and its group key (MME pairs: questions sharing an image share a group).
+
+    decoded: {ImageSource: error or None} of the images decoded so far, so that each decodes once.
+    """
     cell = _text(row.get("image")).strip()
     path_cell = _text(row.get("image_path")).strip()
     origin = index
@@ -247,29 +292,32 @@ def _image(row: dict, index, root: Path, raw_images: dict) -> tuple[ImageSource 
         cell = target.strip()
     if cell:
         source = ImageSource(base64=cell)
-        _check_image(source)
+        _check_image(source, decoded)
     elif path_cell:
         path = Path(path_cell)
         path = path if path.is_absolute() else root / path
         if not path.is_file():
             raise RowError(f"image_path {path_cell!r} not found (looked at {path})")
         source = ImageSource(path=str(path))
-        _check_image(source)
+        _check_image(source, decoded)
     elif "image" in row or "image_path" in row:
         raise RowError("no image: both `image` and `image_path` are empty")
     group = path_cell or str(origin)
     return source, group
 
 
-def _check_image(source: ImageSource) -> None:
-    """Reject undecodable images at read time (reads the header only; pixels decode later)."""
-    from PIL import Image, UnidentifiedImageError
+def _check_image(source: ImageSource, decoded: dict) -> None:
+    """Decode the image fully now (`ImageSource.load`), so that no unreadable image reaches the model."""
+    from aki_jax.processing.image import ImageError
 
-    try:
-        data = source.read_bytes()
-        Image.open(io.BytesIO(data))
-    except (ValueError, OSError, UnidentifiedImageError) as e:
-        raise RowError(f"image ({source.describe()[:60]}) is not a readable image: {type(e).__name__}: {e}") from None
+    if source not in decoded:
+        try:
+            source.load()
+            decoded[source] = None
+        except ImageError as e:
+            decoded[source] = str(e)
+    if decoded[source] is not None:
+        raise RowError(f"image {decoded[source][:300]}")
 
 
 def encode_image(image, format: str = "PNG") -> str:

@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 
 class ItemFailed(Exception):
-    """An item that cannot be run (image does not decode, prompt too long, ...): recorded, not fatal."""
+    """An item that cannot be run (prompt too long, ...): recorded, not fatal; it scores 0."""
+
+
+class ItemUnreadable(ItemFailed):
+    """An item whose input no longer reads or decodes: recorded with `unreadable`, never scored."""
 
 
 class Scorer(Protocol):
@@ -195,7 +199,8 @@ def run_predictions(
                         prepared[key] = scorer.prepare(item)
                     except ItemFailed as e:
                         failed[key] = str(e)
-                        records.append((item, {"index": item.index, "prediction": None, "error": str(e)}))
+                        record = {"index": item.index, "prediction": None, "error": str(e)}
+                        records.append((item, record | ({"unreadable": True} if isinstance(e, ItemUnreadable) else {})))
                 if key in prepared:
                     runnable.append((item, r))
             results = scorer.run([(prepared[_index_key(item.index)], r) for item, r in runnable])
@@ -244,7 +249,7 @@ def merge_predictions(benchmark: Benchmark, output_dir) -> list[dict]:
                 "options": dict(item.options),
                 "answers": list(item.answers),
                 "prediction": prediction,
-                "score": metrics.item_score(item.task, item.answers, prediction),
+                "score": None if record.get("unreadable") else metrics.item_score(item.task, item.answers, prediction),
                 "extra": {k: jsonable(v) for k, v in item.extra.items()},
             }
         )

@@ -35,7 +35,7 @@ import numpy as np
 
 from aki_jax.evaluation import answers, prompts
 from aki_jax.evaluation.items import Item
-from aki_jax.evaluation.runner import Distribution, ItemFailed
+from aki_jax.evaluation.runner import Distribution, ItemFailed, ItemUnreadable
 from aki_jax.mask import TEXT
 
 MODES = ("likelihood", "generate")
@@ -328,12 +328,12 @@ class EvaluationScorer:
         processor = self.runner.processor
         pixel_values = None
         if item.image is not None:
-            try:
-                from aki_jax.processing.image import preprocess_images
+            from aki_jax.processing.image import ImageError, preprocess_images
 
+            try:
                 pixel_values = preprocess_images([item.image.load()], processor.image_size)
-            except (OSError, ValueError) as e:
-                raise ItemFailed(f"image ({item.image.describe()[:60]}) failed to decode: {e}") from None
+            except ImageError as e:  # decoded when the file was read, so it changed since: skip it too
+                raise ItemUnreadable(str(e)) from None
         else:
             s = processor.image_size
             pixel_values = np.zeros((0, s, s, 3), np.float32)

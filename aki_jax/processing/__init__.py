@@ -31,7 +31,7 @@ Errors are ValueErrors naming the cause: placeholder/image count mismatch, an ex
 batch (truncation="right" instead cuts the tail, dropping any image it would split), too many images.
 """
 
-from aki_jax.processing.image import load_image, preprocess_image, preprocess_images
+from aki_jax.processing.image import ImageError, load_image, open_image, preprocess_image, preprocess_images
 from aki_jax.processing.processor import Processor, collate, truncate_example
 from aki_jax.processing.template import SYSTEM_MESSAGE, Segment, render_caption, render_chat
 from aki_jax.processing.tokenizer import (
@@ -45,6 +45,7 @@ from aki_jax.processing.tokenizer import (
 
 __all__ = [
     "END_OF_CHUNK_TOKEN",
+    "ImageError",
     "IMAGE_TOKEN",
     "PAD_TOKEN",
     "Processor",
@@ -54,6 +55,7 @@ __all__ = [
     "collate",
     "load_image",
     "load_tokenizer",
+    "open_image",
     "preprocess_image",
     "preprocess_images",
     "render_caption",

@@ -1,5 +1,8 @@
 """Image loading and preprocessing: any PIL-readable image -> f32[S, S, 3] in [-1, 1].
 
+`open_image` is the one image opener of aki-jax (training records, benchmark items, preprocessing): it
+decodes fully, refuses decompression bombs, converts to RGB, and raises `ImageError` naming the source.
+
 The original (torchvision) pipeline is `Resize((S, S), BICUBIC, antialias=True)` on the PIL image,
 `convert("RGB")`, `ToTensor()` (x / 255) and `Normalize(0.5, 0.5)`. For RGB (and RGBA, L) images this
 module computes exactly that: PIL's bicubic resize (always antialiased), then (x / 255 - 0.5) / 0.5.
@@ -25,26 +28,54 @@ from PIL import Image, ImageOps
 ImageLike = Image.Image | str | os.PathLike | bytes | np.ndarray
 
 
-def load_image(image: ImageLike) -> Image.Image:
-    """A PIL image from a PIL image, a path, encoded bytes, or a uint8/uint16/float array (H, W[, C]).
+class ImageError(ValueError):
+    """An image that cannot be opened or decoded (missing, corrupt, truncated, a decompression bomb).
 
-    EXIF orientation is applied.
+    The one error every image reader of aki-jax raises; the message names the source.
     """
-    if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
-        name = "image bytes" if source is not image else image
-        try:
-            with Image.open(source) as opened:
-                opened.load()
-                image = ImageOps.exif_transpose(opened)  # a transposed copy, or a plain copy
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{name}: not a readable image ({e})") from e
-        return image
+
+
+def open_image(image: ImageLike, *, name: str | None = None, keep_mode: bool = False) -> Image.Image:
+    """The one image opener: a fully decoded PIL image, EXIF orientation applied, in RGB.
+
+    image: a path, encoded bytes, a PIL image, or a uint8/uint16/float array (H, W[, C]).
+    name: how errors name the source (default: the path, or "image bytes").
+    keep_mode: leave the decoded mode (RGBA, palette, 16-bit, ...) for `preprocess_image`, which converts
+        it faithfully (see the module docstring); otherwise the image is converted to RGB the same way.
+
+    Raises ImageError naming the source for a missing or unreadable file, data that does not decode
+    (a truncated file fails here, not later: the pixels are decoded now), and an image whose header
+    declares more pixels than PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`, refused
+    above twice that) before anything is decoded.
+    """
     if isinstance(image, np.ndarray):
-        return Image.fromarray(_array_to_uint8(image))
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image, a path or a numpy array, got {type(image).__name__}")
-    return ImageOps.exif_transpose(image)
+        try:
+            image = Image.fromarray(_array_to_uint8(image))
+        except ValueError as e:
+            raise ImageError(f"{name or 'image array'}: {e}") from None
+    elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+        is_bytes = isinstance(image, (bytes, bytearray, memoryview))
+        name = name or ("image bytes" if is_bytes else str(image))
+        try:
+            with Image.open(io.BytesIO(image) if is_bytes else image) as opened:
+                opened.load()  # Image.open reads the header only: truncated data fails here
+                image = ImageOps.exif_transpose(opened)  # a transposed copy, or a plain copy
+        except FileNotFoundError:
+            raise ImageError(f"{name}: no such image file") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"{name}: refused as a decompression bomb ({e})") from None
+        except Exception as e:  # noqa: BLE001 - corrupt data raises OSError, SyntaxError, struct.error, ...
+            raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+    elif isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+    else:
+        raise TypeError(f"expected a PIL image, a path, bytes or a numpy array, got {type(image).__name__}")
+    return image if keep_mode else _to_resizable(image).convert("RGB")
+
+
+def load_image(image: ImageLike) -> Image.Image:
+    """`open_image` keeping the decoded mode (what `preprocess_image` starts from)."""
+    return open_image(image, keep_mode=True)
 
 
 def _array_to_uint8(array: np.ndarray) -> np.ndarray:
