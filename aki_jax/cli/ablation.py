@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 from aki_jax.cli import UsageError, make_parser, run_command
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny_digits.py"
+from aki_jax.cli.train import DEFAULT_CONFIG
 
 
 def _parser():
