@@ -63,9 +63,6 @@ def _body(argv: list[str]) -> int:
         apply_overrides(load_config_file(args.config), args.overrides)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from e
-    # Runs of one ablation compile the same programs: share XLA's persistent cache between them.
-    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(args.out).absolute() / "xla_cache"))
-
     start = time.perf_counter()
     load_at_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     if args.report_only:

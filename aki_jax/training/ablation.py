@@ -84,16 +84,18 @@ def finished_summary(directory: str | Path) -> dict | None:
 def subprocess_runner(config_path: str, overrides: list[str], directory: Path, timeout_s: float | None) -> str | None:
     """Run one training job in a fresh Python process; None on success, else a one-line reason.
 
-    Its output goes to `directory/run.log` (the file named next to the error). The parent directory is
-    created here; the run's own directory by `train()` itself.
+    Its output goes to `<directory>.run.log` beside it (named in the error). The parent directory is
+    created here, the run's own by `train()`. Runs of one ablation compile the same programs, so they
+    share XLA's persistent cache in `<out>/xla_cache` (unless JAX_COMPILATION_CACHE_DIR says otherwise).
     """
     directory.parent.mkdir(parents=True, exist_ok=True)
     log_path = directory.parent / f"{directory.name}.{RUN_LOG}"
+    env = {"JAX_COMPILATION_CACHE_DIR": str(directory.parent.absolute() / "xla_cache"), **os.environ}
     with log_path.open("w") as log:
         try:
             code = subprocess.run(
                 [sys.executable, "-c", _CHILD, config_path, *overrides],
-                stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False,
+                stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, check=False, env=env,
             ).returncode  # fmt: skip
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout_s:g} s (log: {log_path})"
