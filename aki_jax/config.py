@@ -12,8 +12,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-# AKIConfig.attention_impl: None = aki_jax.layers.recomputing_attention; "xla" / "cudnn" = jax.nn's.
-ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+# AKIConfig.attention_impl; what each name runs is documented in aki_jax/attention/api.py.
+ATTENTION_IMPLEMENTATIONS = (
+    None,
+    "auto",
+    "xla",
+    "cudnn",
+    "pallas_tpu",
+    "pallas_gpu",
+    "pallas_tpu_interpret",
+    "pallas_gpu_interpret",
+)
 
 # Phi-3.5-mini-instruct's LongRoPE factors (48 each, one per rotary frequency of a 96-wide head).
 PHI35_SHORT_FACTOR = (
@@ -123,6 +132,8 @@ class AKIConfig:
     logits have `initial_tokenizer_len + 2` columns. `dtype` is the compute dtype, `param_dtype` the
     storage dtype of parameters. `attention` is "mma" (the paper) or "causal" (the ablation).
     `remat` is "none", "full" or "dots" (save matmul outputs, recompute the rest) for the scanned layers.
+    `attention_impl` is "auto" (a flash kernel over mask ranges on TPU and GPU, dense elsewhere), null
+    (the dense recomputing attention everywhere) or a name from `ATTENTION_IMPLEMENTATIONS`.
     """
 
     vision: VisionConfig = VisionConfig()
@@ -133,7 +144,7 @@ class AKIConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention: str = "mma"
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
     remat: str = "none"
     freeze_vision: bool = True
 
@@ -157,7 +168,10 @@ class AKIConfig:
         if self.attention not in ("mma", "causal"):
             raise ValueError(f"AKIConfig.attention must be 'mma' or 'causal', got {self.attention!r}")
         if self.attention_impl not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"AKIConfig.attention_impl must be null, 'xla' or 'cudnn', got {self.attention_impl!r}")
+            raise ValueError(
+                f"AKIConfig.attention_impl must be one of {list(ATTENTION_IMPLEMENTATIONS)} (null: dense "
+                f"recomputing attention), got {self.attention_impl!r}"
+            )
         if self.remat not in ("none", "full", "dots"):
             raise ValueError(f"AKIConfig.remat must be 'none', 'full' or 'dots', got {self.remat!r}")
         if self.initial_tokenizer_len > self.decoder.vocab_size:

@@ -135,7 +135,7 @@ class Decoder(nn.Module):
         return constrain(x, ACT)
 
     def __call__(self, embeds, positions, mask, cache=None, cache_index=0):
-        """embeds f[B, T, D], positions int[B, T], mask bool[B, T, S] (S = T, or the cache length).
+        """embeds f[B, T, D], positions int[B, T], mask bool[B, T, S] or AttentionRanges (S = T, or the cache length).
 
         Returns logits f32[B, T, initial_tokenizer_len + 2] and the updated cache (None without one).
         `cache` is {"key", "value"}: f[layers, B, S, N, H]; this call's keys are written at `cache_index`.

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aki_jax.attention import attention_ranges, uses_ranges
 from aki_jax.config import AKIConfig
 from aki_jax.decoder import Decoder
 from aki_jax.mask import IMAGE, TEXT, default_positions
@@ -34,6 +35,7 @@ class AKI(nn.Module):
     With `cache` (see `aki_jax.decoder.init_cache`) the call writes this call's keys/values at
     `cache_index` and returns `(logits, cache)`. Without `attention_mask` (bool[B, L, S]) the mask is
     the modality mask of this call placed at columns [cache_index, cache_index + L): a prefill.
+    With a kernel `attention_impl` (see `aki_jax.attention`) that mask is passed as `AttentionRanges`.
     """
 
     config: AKIConfig
@@ -75,7 +77,12 @@ class AKI(nn.Module):
         if positions is None:
             positions = default_positions(modality_ids, segment_ids)
         mask = attention_mask
-        if mask is None:
+        if mask is None and uses_ranges(c.attention_impl):
+            # A kernel reads the mask as four int32[B, L] ranges: no [B, L, L] array is ever built.
+            mask = attention_ranges(modality_ids, segment_ids, kind=c.attention)
+            if cache is not None:
+                mask = mask.with_key_offset(cache_index, cache["key"].shape[2])
+        elif mask is None:
             mask = attention_mask_from_modalities(modality_ids, segment_ids, kind=c.attention)
             if cache is not None:
                 full = jnp.zeros(mask.shape[:2] + (cache["key"].shape[2],), bool)

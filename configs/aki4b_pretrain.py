@@ -1,11 +1,24 @@
 """AKI-4B caption pretraining, the paper's recipe (AKI_REFERENCE.md "Training recipe").
 
-Next-token loss on captions (BLIP3-Kale, BLIP3-OCR-200m webdataset shards), AdamW, weight decay 0.01,
-cosine schedule with warmup 2000 and min lr 1e-5, bf16 compute with fp32 master weights, FSDP, frozen
-SigLIP tower. Point `data.sources` at your shards and pick a mesh preset:
+The paper's whole recipe is four commands: towers -> pretraining (this file) -> SFT -> evaluation.
 
-  python train.py --config configs/aki4b_pretrain.py --init-from /ckpt/aki-4b-init tokenizer=/ckpt/aki-4b-init \\
+  # 1. assemble AKI from the public towers (SigLIP so400m/14@384, Phi-3.5-mini-instruct): fresh resampler,
+  #    two added tokens and head bias drawn as the original does, tokenizer extended (aki_jax/convert/towers.py)
+  aki-init-from-towers --vision /ckpt/siglip-so400m-patch14-384 --lm /ckpt/Phi-3.5-mini-instruct \\
+      --dst /ckpt/aki-4b-init
+  # 2. pretrain on captions (this config); the run exports runs/aki4b_pretrain/model at the end
+  aki-train --config configs/aki4b_pretrain.py --init-from /ckpt/aki-4b-init \\
       'data.sources=[{"kind": "webdataset", "path": "/data/kale/{00000..09999}.tar"}]'
+  # 3. supervised fine-tuning (configs/aki4b_sft.py)
+  aki-train --config configs/aki4b_sft.py --init-from runs/aki4b_pretrain/model
+  # 4. evaluate the fine-tuned model
+  aki-evaluate --checkpoint runs/aki4b_sft/model --benchmark MMBench_DEV_EN.tsv
+
+The `--init-from` folder carries its tokenizer (with `<pad>`, `<image>`, `<|endofchunk|>`), which the run
+uses unless `tokenizer=` says otherwise. Next-token loss on captions (BLIP3-Kale, BLIP3-OCR-200m webdataset
+shards), AdamW, weight decay 0.01, cosine schedule with warmup 2000 and min lr 1e-5, bf16 compute with fp32
+master weights (step 1 writes float32 unless `--dtype` says otherwise), FSDP, frozen SigLIP tower. Point
+`data.sources` at your shards and pick a mesh preset.
 
 Multi-host (TPU pod slice / GPU cluster): run the same command on every host; `jax.distributed` is
 initialised automatically and each host reads its own share of the shards. For the 8-GPU / pod layouts

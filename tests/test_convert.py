@@ -177,6 +177,32 @@ def test_training_pt_with_module_prefix_and_sharded_safetensors_read_like_the_fo
         jax.tree.map(np.testing.assert_array_equal, got, expected)
 
 
+def test_training_pt_without_config_json_takes_latents_and_tokenizer_len_from_what_lies_beside_it(
+    tmp_path, state_dict, tokenizer_dir
+):
+    """A `.pt` with only the towers' configs: the resampler (6 latents, depth 2, not aki-4b's 144 / 6) comes
+    from the tensors and `initial_tokenizer_len` from the tokenizer beside the file, as the log says."""
+    from aki_jax.processing.tokenizer import load_tokenizer
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, run / "checkpoint_3.pt")
+    for f in tokenizer_dir.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "lm.json").write_text(json.dumps(phi3_config_dict(CONFIG)))
+    (tmp_path / "vision.json").write_text(json.dumps(siglip_config_dict(CONFIG)))
+    messages = []
+    convert_pytorch_to_orbax(
+        run / "checkpoint_3.pt", tmp_path / "jax", lm_config=tmp_path / "lm.json",
+        vision_config=tmp_path / "vision.json", log=messages.append,
+    )  # fmt: skip
+    config = aki_jax.AKIConfig.from_json(tmp_path / "jax" / "aki_config.json")
+    tok = load_tokenizer(tokenizer_dir)
+    assert config == CONFIG.replace(initial_tokenizer_len=tok.initial_tokenizer_len, pad_token_id=tok.pad_token_id)
+    assert any("6 latents, depth 2" in m for m in messages)
+    assert any(f"initial_tokenizer_len {tok.initial_tokenizer_len}" in m and str(run) in m for m in messages)
+
+
 def test_load_pretrained_casts_dtype_and_applies_shardings(converted):
     _, dst, _ = converted
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(8), ("model",))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -100,3 +101,57 @@ def test_unsupported_language_model_configs_are_refused(tmp_path, change, messag
     lm = write(tmp_path / "phi3.json", {**phi3_config_dict(CONFIG), **change})
     with pytest.raises(ValueError, match=message):
         translate_config(None, lm_config=lm, log=lambda m: None)
+
+
+def four_b_shapes(**changes) -> tuple[list[str], dict]:
+    """Keys and shapes of an AKI with aki-4b's widths (nothing is allocated) with `changes` to its parts."""
+    base = aki_jax.aki_4b()
+    config = base.replace(**{k: dataclasses.replace(getattr(base, k), **v) for k, v in changes.items()})
+    shapes = expected_torch_shapes(config)
+    return list(shapes), shapes
+
+
+def test_a_training_checkpoint_without_configs_gets_its_shapes_from_the_tensors():
+    keys, shapes = four_b_shapes(
+        vision={"num_layers": 3, "intermediate_size": 1000},
+        resampler={"num_latents": 64, "depth": 2},
+        decoder={"num_layers": 4, "vocab_size": 32100},
+    )
+    messages = []
+    config, original = translate_config(None, log=messages.append, keys=keys, shape=shapes.__getitem__)
+    preset = aki_jax.aki_4b()
+    assert original == {}
+    assert config.vision == dataclasses.replace(preset.vision, num_layers=3, intermediate_size=1000)
+    assert config.resampler == dataclasses.replace(preset.resampler, num_latents=64, depth=2)
+    assert config.decoder == dataclasses.replace(preset.decoder, num_layers=4, vocab_size=32100)
+    assert config.initial_tokenizer_len == preset.initial_tokenizer_len  # no tensor holds it: said so
+    said = "\n".join(messages)
+    assert "64 latents, depth 2" in said and "from aki-4b (not in the tensors)" in said
+    assert "initial_tokenizer_len 32012 / pad_token_id 32011 from aki-4b (not in the tensors)" in said
+
+
+def test_initial_tokenizer_len_comes_from_a_tokenizer_beside_the_checkpoint(tmp_path):
+    from aki_jax.processing.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat"] * 4, 280, tmp_path)
+    keys, shapes = four_b_shapes()
+    config, _ = translate_config(None, log=lambda m: None, keys=keys, shape=shapes.__getitem__, tokenizer_dir=tmp_path)
+    assert (config.initial_tokenizer_len, config.pad_token_id) == (tok.initial_tokenizer_len, tok.pad_token_id)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"vision": {"hidden_size": 768, "num_heads": 12}}, "vision tower is 768 wide .* pass --vision-config"),
+        ({"decoder": {"hidden_size": 2048, "num_heads": 16}}, "language model is 2048 wide .* pass --lm-config"),
+    ],
+)
+def test_widths_the_tensors_cannot_complete_ask_for_a_config(change, message):
+    base = aki_jax.aki_4b()
+    part, values = next(iter(change.items()))
+    sub = dataclasses.replace(getattr(base, part), **values)
+    if part == "decoder":
+        sub = dataclasses.replace(sub, rope_scaling=None)
+    shapes = expected_torch_shapes(base.replace(**{part: sub}))
+    with pytest.raises(ValueError, match=message):
+        translate_config(None, log=lambda m: None, keys=list(shapes), shape=shapes.__getitem__)

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from aki_jax.config import AKIConfig, DecoderConfig, RopeScaling, VisionConfig, aki_4b
+from aki_jax.config import AKIConfig, DecoderConfig, ResamplerConfig, RopeScaling, VisionConfig, aki_4b
 
 # Defaults of transformers' SiglipVisionConfig / Phi3Config, used for fields a config.json omits.
 SIGLIP_DEFAULTS = dict(
@@ -128,12 +129,18 @@ def translate_config(
     vision_config: str | Path | None = None,
     log: Callable[[str], None] = print,
     keys: Iterable[str] | None = None,
+    shape: Callable[[str], tuple[int, ...]] | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> tuple[AKIConfig, dict]:
     """(AKIConfig, the original constructor arguments from config.json or {}) for a checkpoint folder.
 
     `folder` may be None (a bare .pt file): then only explicit sub-config files and the preset are used.
     `keys`: the checkpoint's state-dict keys (prefixes stripped). No config file records the resampler's
     depth, so it is counted from them; the towers' layer counts are checked against them.
+    `shape`: the checkpoint's tensor shapes (`shape(key)`, from headers). With it, what the tensors
+    determine replaces the aki-4b preset where no config says otherwise (`infer_vision`, `infer_decoder`,
+    `infer_resampler`).
+    `tokenizer_dir`: where to look for a tokenizer when no config.json gives `initial_tokenizer_len`.
     """
     folder = Path(folder) if folder is not None else None
     if folder is not None and (folder / "aki_config.json").is_file():
@@ -141,11 +148,18 @@ def translate_config(
         return AKIConfig.from_json(folder / "aki_config.json"), read_original_args(folder)
     original = read_original_args(folder)
     preset = aki_4b()
+    keys = list(keys) if keys is not None else None
+    # Tensor shapes replace the preset where no config file speaks; a tensor they need that is missing is
+    # left to the key check that follows (it names every missing key).
+    inferable = shape is not None and keys is not None and all(k in set(keys) for k in INFERENCE_KEYS)
 
     path = _find_sub_config(vision_config, folder, original.get("vision_encoder_path"), "vision_encoder")
     if path is not None:
         vision = vision_from_siglip(_read_json(path), str(path))
         log(f"vision tower config: {path}")
+    elif inferable:
+        vision, note = infer_vision(keys, shape, preset.vision)
+        log(f"vision tower config: not found; from the tensors: {note}")
     else:
         vision = preset.vision
         log(
@@ -156,6 +170,9 @@ def translate_config(
     if path is not None:
         decoder = decoder_from_phi3(_read_json(path), str(path))
         log(f"language model config: {path}")
+    elif inferable:
+        decoder, note = infer_decoder(keys, shape, preset.decoder)
+        log(f"language model config: not found; from the tensors: {note}")
     else:
         decoder = preset.decoder
         log(
@@ -163,20 +180,143 @@ def translate_config(
             "folder and no --lm-config was given); using the built-in aki-4b preset (Phi-3.5-mini)"
         )
     resampler = preset.resampler
+    if inferable:
+        resampler, note = infer_resampler(keys, shape, preset.resampler, vision.hidden_size)
+        log(f"resampler: from the tensors: {note}")
     if original.get("num_vision_tokens"):
         resampler = dataclasses.replace(resampler, num_latents=int(original["num_vision_tokens"]))
+    if "initial_tokenizer_len" in original:
+        initial, pad = int(original["initial_tokenizer_len"]), int(original.get("pad_token_id", preset.pad_token_id))
+    else:
+        initial, pad = _tokenizer_ids(tokenizer_dir, preset, decoder, log)
     config = AKIConfig(
-        vision=vision,
-        resampler=resampler,
-        decoder=decoder,
-        initial_tokenizer_len=int(original.get("initial_tokenizer_len", preset.initial_tokenizer_len)),
-        pad_token_id=int(original.get("pad_token_id", preset.pad_token_id)),
+        vision=vision, resampler=resampler, decoder=decoder, initial_tokenizer_len=initial, pad_token_id=pad
     )
-    if not original:
-        log("no config.json with the original constructor arguments: initial_tokenizer_len/pad_token_id from aki-4b")
     if keys is not None:
         config = reconcile_layer_counts(config, keys, log)
     return config, original
+
+
+# The tensors `infer_*` read.
+INFERENCE_KEYS = (
+    "vision_encoder.embeddings.patch_embedding.weight",
+    "vision_encoder.embeddings.position_embedding.weight",
+    "vision_encoder.encoder.layers.0.mlp.fc1.weight",
+    "lang_model.model.embed_tokens.weight",
+    "lang_model.model.layers.0.mlp.gate_up_proj.weight",
+    "vision_tokenizer.latents",
+    "vision_tokenizer.layers.0.0.to_q.weight",
+    "vision_tokenizer.layers.0.1.1.weight",
+)
+
+
+def _tokenizer_ids(tokenizer_dir, preset: AKIConfig, decoder: DecoderConfig, log) -> tuple[int, int]:
+    """(initial_tokenizer_len, pad_token_id) when no config.json records them: no tensor's shape holds them
+    (the embedding keeps the language model's rows), so they come from a tokenizer beside the checkpoint,
+    else from the aki-4b preset when its vocabulary fits the embedding."""
+    if tokenizer_dir is not None and any(
+        (Path(tokenizer_dir) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")
+    ):
+        from aki_jax.processing.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)
+        log(
+            f"initial_tokenizer_len {tok.initial_tokenizer_len} and pad_token_id {tok.pad_token_id}: from the "
+            f"tokenizer in {tokenizer_dir}"
+        )
+        return tok.initial_tokenizer_len, tok.pad_token_id
+    if preset.initial_tokenizer_len > decoder.vocab_size:
+        raise ValueError(
+            f"initial_tokenizer_len is not determined by the tensors and aki-4b's {preset.initial_tokenizer_len} "
+            f"exceeds the checkpoint's {decoder.vocab_size} embedding rows: put the tokenizer beside the "
+            "checkpoint or pass --aki-config"
+        )
+    log(
+        f"no config.json with the original constructor arguments and no tokenizer: initial_tokenizer_len "
+        f"{preset.initial_tokenizer_len} / pad_token_id {preset.pad_token_id} from aki-4b (not in the tensors)"
+    )
+    return preset.initial_tokenizer_len, preset.pad_token_id
+
+
+def infer_vision(
+    keys: list[str], shape: Callable[[str], tuple[int, ...]], preset: VisionConfig
+) -> tuple[VisionConfig, str]:
+    """(VisionConfig, what came from where): width, MLP, layers, patch and image size from the tensors.
+
+    Heads and the norm epsilon leave no trace in any shape: they are the preset's, and only while the
+    width they divide is the preset's too; otherwise a config file is required.
+    """
+    e, channels, patch, _ = shape("vision_encoder.embeddings.patch_embedding.weight")
+    patches = shape("vision_encoder.embeddings.position_embedding.weight")[0]
+    side = math.isqrt(patches)
+    if side * side != patches:
+        raise ValueError(
+            f"vision_encoder.embeddings.position_embedding.weight: {patches} positions is not a square grid"
+        )
+    if e != preset.hidden_size:
+        raise ValueError(
+            f"the vision tower is {e} wide (patch_embedding), not aki-4b's {preset.hidden_size}: its number of heads "
+            "is not in the tensors; pass --vision-config"
+        )
+    # The grid fixes image_size // patch only (SigLIP so400m: 384 // 14 = 27): keep the preset's size when it fits.
+    image_size = preset.image_size if preset.image_size // patch == side else side * patch
+    vision = dataclasses.replace(
+        preset, hidden_size=e, num_channels=channels, patch_size=patch, image_size=image_size,
+        intermediate_size=shape("vision_encoder.encoder.layers.0.mlp.fc1.weight")[0],
+        num_layers=_count_layers(keys, "vision_encoder.encoder.layers.") or preset.num_layers,
+    )  # fmt: skip
+    note = (
+        f"width {e}, mlp {vision.intermediate_size}, {vision.num_layers} layers, patch {patch}, image "
+        f"{vision.image_size}; heads {preset.num_heads} and eps {preset.layer_norm_eps} from aki-4b "
+        "(not in the tensors)"
+    )
+    return vision, note
+
+
+def infer_decoder(
+    keys: list[str], shape: Callable[[str], tuple[int, ...]], preset: DecoderConfig
+) -> tuple[DecoderConfig, str]:
+    """(DecoderConfig, what came from where): width, MLP, layers and embedding rows from the tensors; heads,
+    rotary settings and eps from the preset, while the width is the preset's (else a config file is required)."""
+    rows, width = shape("lang_model.model.embed_tokens.weight")
+    if width != preset.hidden_size:
+        raise ValueError(
+            f"the language model is {width} wide (embed_tokens), not aki-4b's {preset.hidden_size}: its number of "
+            "heads and rotary factors are not in the tensors; pass --lm-config"
+        )
+    decoder = dataclasses.replace(
+        preset, vocab_size=rows, hidden_size=width,
+        intermediate_size=shape("lang_model.model.layers.0.mlp.gate_up_proj.weight")[0] // 2,
+        num_layers=_count_layers(keys, "lang_model.model.layers.") or preset.num_layers,
+    )  # fmt: skip
+    note = (
+        f"width {width}, mlp {decoder.intermediate_size}, {decoder.num_layers} layers, {rows} embedding rows; "
+        f"heads {preset.num_heads}, rope theta / LongRoPE factors and eps from aki-4b (not in the tensors)"
+    )
+    return decoder, note
+
+
+def infer_resampler(
+    keys: list[str], shape: Callable[[str], tuple[int, ...]], preset: ResamplerConfig, width: int
+) -> tuple[ResamplerConfig, str]:
+    """(ResamplerConfig, what came from where): latents, depth and feed-forward multiple from the tensors.
+    The attention is always 8 heads of 64 in the original (AKI never changes open_flamingo's defaults)."""
+    inner = shape("vision_tokenizer.layers.0.0.to_q.weight")[0]
+    if inner != preset.num_heads * preset.head_dim:
+        raise ValueError(
+            f"vision_tokenizer.layers.0.0.to_q.weight: resampler attention width {inner}, but the original always "
+            f"uses {preset.num_heads} heads of {preset.head_dim}; pass --aki-config"
+        )
+    resampler = dataclasses.replace(
+        preset, num_latents=shape("vision_tokenizer.latents")[0],
+        depth=_count_layers(keys, "vision_tokenizer.layers.") or preset.depth,
+        ff_mult=shape("vision_tokenizer.layers.0.1.1.weight")[0] // width,
+    )  # fmt: skip
+    note = (
+        f"{resampler.num_latents} latents, depth {resampler.depth}, ff x{resampler.ff_mult}; "
+        f"{preset.num_heads} heads of {preset.head_dim} as in the original"
+    )
+    return resampler, note
 
 
 def _count_layers(keys, prefix: str) -> int | None:

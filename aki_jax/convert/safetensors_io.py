@@ -91,6 +91,9 @@ class SafetensorsFile(Mapping):
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
+    def path_of(self, name: str) -> Path:
+        return self.path
+
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
         out = np.empty(shape, dtype)
@@ -143,6 +146,13 @@ class ShardedSafetensors(Mapping):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
+
+    def path_of(self, name: str) -> Path:
+        """The shard holding `name`."""
+        return self._where[name].path
 
     def __iter__(self):
         return iter(self._where)

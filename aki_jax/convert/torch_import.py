@@ -74,7 +74,10 @@ def convert_pytorch_to_orbax(
     folder = src if src.is_dir() else None
     state_dict = strip_prefixes(state_dict)
     if config is None:
-        config, original_args = translate_config(folder, lm_config, vision_config, log=log, keys=state_dict.keys())
+        config, original_args = translate_config(
+            folder, lm_config, vision_config, log=log, keys=state_dict.keys(), shape=state_dict.shape,
+            tokenizer_dir=folder if folder is not None else src.parent,
+        )  # fmt: skip
     else:
         original_args = read_original_args(folder)
     if dtype is not None:

@@ -22,6 +22,8 @@ from aki_jax.config import AKIConfig, preset
 from aki_jax.data.config import DataConfig
 from aki_jax.sharding import MeshConfig
 
+PRETRAINED_SUBDIR = "model"  # under the run directory: the exported `save_pretrained` folder
+
 ALIASES = {
     "attention": "model.attention",
     "remat": "model.remat",
@@ -65,6 +67,14 @@ class CheckpointConfig:
     keep_best: bool = False  # also keep the checkpoint with the best held-out accuracy (eval runs at every save)
     async_save: bool = True
     export_pretrained: bool = True
+
+    def run_dir(self, attention: str) -> Path:
+        """`dir` with "{attention}" filled in: where the run of a model with that attention writes."""
+        return Path(self.dir.format(attention=attention))
+
+    def pretrained_dir(self, attention: str) -> Path:
+        """Where a finished run exports its model (the folder `aki_jax.load_pretrained` reads)."""
+        return self.run_dir(attention) / PRETRAINED_SUBDIR
 
 
 @dataclasses.dataclass(frozen=True)

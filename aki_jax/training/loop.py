@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from aki_jax import sharding
 from aki_jax.training import flops as flops_lib
 from aki_jax.training.checkpointing import Checkpointer, abstract_with_shardings
-from aki_jax.training.config import TrainConfig
+from aki_jax.training.config import PRETRAINED_SUBDIR, TrainConfig
 from aki_jax.training.data import DataBundle, build_data
 from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from aki_jax.training.question_types import accuracy_by_type
@@ -79,9 +79,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
     config = dataclasses.replace(
         config,
-        checkpoint=dataclasses.replace(
-            config.checkpoint, dir=config.checkpoint.dir.format(attention=config.model.attention)
-        ),
+        checkpoint=dataclasses.replace(config.checkpoint, dir=str(config.checkpoint.run_dir(config.model.attention))),
     )
     out_dir = Path(config.checkpoint.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +126,7 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
     )
     ids_file = (out_dir / example_ids_file()).open("a") if config.logging.record_example_ids else None
     # Decided before any process could export, so that all processes agree (the export is collective).
-    export = config.checkpoint.export_pretrained and not (out_dir / "model" / "params").exists()
+    export = config.checkpoint.export_pretrained and not (out_dir / PRETRAINED_SUBDIR / "params").exists()
 
     timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
     history = []
@@ -194,7 +192,9 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
         summary["baselines"] = baselines
     if step == total:
         if export:
-            summary["pretrained_dir"] = str(_export(out_dir.absolute() / "model", model_config, state["params"], data))
+            summary["pretrained_dir"] = str(
+                _export(out_dir.absolute() / PRETRAINED_SUBDIR, model_config, state["params"], data)
+            )
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
     if jax.process_index() == 0:
