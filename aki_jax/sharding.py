@@ -225,6 +225,35 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
+FINISH_TIMEOUT_ENV = "AKI_FINISH_TIMEOUT_S"
+DEFAULT_FINISH_TIMEOUT_S = 3600
+
+
+def finish_distributed(name: str = "aki-finish", timeout_s: float | None = None) -> None:
+    """End a multi-host run cleanly: wait until every process gets here, then shut `jax.distributed` down.
+
+    Without this, JAX shuts down at interpreter exit, where a process that is done waits for the others
+    in a shutdown barrier of fixed length (5 minutes) and aborts the whole job (SIGABRT, "Shutdown
+    barrier has failed ... DEADLINE_EXCEEDED") when another host is slower: a loaded machine, a
+    process writing plots or reports. Here a finished process waits at a named barrier of the
+    coordination service, for `timeout_s` (default AKI_FINISH_TIMEOUT_S, else an hour); a process that
+    died is still noticed within the heartbeat timeout. Only then is the runtime shut down, with
+    everyone present. A no-op on one process (and when `jax.distributed` was not initialised).
+    """
+    import os
+
+    from jax._src import distributed  # the coordination client; jax has no public barrier with a timeout
+
+    client = getattr(distributed.global_state, "client", None)
+    if client is None:
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(FINISH_TIMEOUT_ENV) or DEFAULT_FINISH_TIMEOUT_S)
+    log.info("process %d: finished; waiting for the other processes", jax.process_index())
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+    jax.distributed.shutdown()
+
+
 def _env_int(name: str) -> int:
     import os
 

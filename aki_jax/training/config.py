@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import importlib.util
 import json
 import types
@@ -200,7 +201,7 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
         return config
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
         key, text = item.split("=", 1)
         key = ALIASES.get(key.strip(), key.strip())
         config = set_path(config, key.split("."), parse_value(text), key)
@@ -218,7 +219,9 @@ def set_path(node, path: list[str], value, full: str):
     names = [f.name for f in dataclasses.fields(node)]
     name = path[0]
     if name not in names:
-        raise ValueError(f"override {full}: unknown field {name!r}; valid here: {names}")
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"override {full}: unknown field {name!r}; {hint}valid here: {', '.join(names)}")
     current = getattr(node, name)
     if len(path) > 1:
         new = set_path(current, path[1:], value, full)
@@ -256,7 +259,15 @@ def _coerce(current, value, hint, full: str):
         return tuple(value)
     if dict in allowed and isinstance(value, dict):
         return value
-    raise ValueError(f"override {full}: {value!r} is not a valid {hint}")
+    raise ValueError(f"override {full}: {value!r} is not a valid value (expected {_describe(allowed)})")
+
+
+def _describe(allowed: set) -> str:
+    """'a number', 'true or false', ... for an override's error message."""
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a JSON list",
+             dict: "a JSON object", type(None): "null"}  # fmt: skip
+    named = [words.get(t, getattr(t, "__name__", str(t))) for t in sorted(allowed, key=lambda t: t.__name__)]
+    return " or ".join(named) if named else "something else"
 
 
 def _allowed_types(hint) -> set:

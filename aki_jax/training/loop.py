@@ -205,17 +205,12 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
 
 def _initial_state(config: TrainConfig, optimizer, abstract, shardings, checkpointer: Checkpointer, data):
     """(state, first step): restored from the latest checkpoint, or initialised (randomly / from --init-from)."""
-    latest = checkpointer.latest_step()
-    if config.resume and latest is not None:
-        state, data_state = checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+    resumed = checkpointer.resume(abstract_with_shardings(abstract, shardings), config.resume)
+    if resumed is not None:
+        state, data_state, step = resumed
         data.train.set_state(data_state)
-        log.info("resumed from step %d", latest)
-        return state, int(latest)
-    if latest is not None and not config.resume:
-        raise FileExistsError(
-            f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass --resume to continue "
-            f"or choose another checkpoint.dir"
-        )
+        log.info("resumed from step %d", step)
+        return state, int(step)
     model_config = config.model
     if config.init_from:
         params = load_params(config.init_from, model_config, shardings["params"])
@@ -233,7 +228,18 @@ def load_params(directory: str, model_config, param_shardings):
     expected = jax.tree.map(lambda s: s.shape, param_shardings_shapes(model_config))
     got = jax.tree.map(lambda x: x.shape, params)
     if expected != got:
-        raise ValueError(f"--init-from {directory}: its parameter shapes do not match the configured model")
+        flat_expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+        flat_got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
+        differ = [
+            f"{k}: {flat_got.get(k, 'missing')} saved, {flat_expected.get(k, 'absent')} configured"
+            for k in sorted(flat_expected.keys() | flat_got.keys())
+            if flat_expected.get(k) != flat_got.get(k)
+        ]
+        raise ValueError(
+            f"--init-from {directory}: its parameter shapes do not match the configured model "
+            f"({len(differ)} differ, e.g. {'; '.join(differ[:3])}); use the folder's own model settings "
+            f"(its aki_config.json)"
+        )
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings)
 
 
