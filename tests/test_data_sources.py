@@ -15,7 +15,15 @@ import skimage.data
 from PIL import Image
 
 from aki_jax.data import records
-from aki_jax.data.digits import QUESTIONS_PER_IMAGE, DigitsSource, digits_texts, render, split_indices
+from aki_jax.data.digits import (
+    QUESTION_TYPES,
+    QUESTIONS_PER_IMAGE,
+    DigitsSource,
+    digits_texts,
+    render,
+    split_indices,
+    text_only_accuracy,
+)
 from aki_jax.data.paths import expand_braces, resolve_files
 from aki_jax.data.records import Bad
 from aki_jax.data.sources import LlavaSource, TfdsSource, VqaJsonlSource, WebDatasetSource
@@ -295,31 +303,103 @@ def test_tfds_array_record_dataset_is_read_with_mapped_features(tmp_path):
 # --- digits ----------------------------------------------------------------------------------------
 
 
-def test_digits_split_is_disjoint_complete_and_answers_follow_the_question():
+def _expected_answer(question: str, digits: tuple[int, ...]) -> str:
+    """The answer to a digits question, worked out from its words and the digits shown."""
+    words = question.rstrip("?").split()
+    yes_no = {True: "yes", False: "no"}
+    table = {
+        "What digit is this?": lambda: str(digits[0]),
+        "Is it even?": lambda: yes_no[digits[0] % 2 == 0],
+        "Is it odd?": lambda: yes_no[digits[0] % 2 == 1],
+        "What is the left digit?": lambda: str(digits[0]),
+        "What is the right digit?": lambda: str(digits[-1]),
+        "Is the left digit greater than the right digit?": lambda: yes_no[digits[0] > digits[-1]],
+        "What is the sum of the two digits?": lambda: str(sum(digits)),
+    }
+    if question in table:
+        return table[question]()
+    if question.startswith("Is it greater than"):
+        return yes_no[digits[0] > int(words[-1])]
+    assert question.startswith("What is this digit plus"), question
+    return str(digits[0] + int(words[-1]))
+
+
+def test_digits_split_is_disjoint_and_complete():
+    from sklearn.datasets import load_digits
+
+    train, heldout = split_indices("train"), split_indices("heldout")
+    assert len(np.intersect1d(train, heldout)) == 0
+    assert len(train) + len(heldout) == len(load_digits().target) and len(heldout) == 359
+    np.testing.assert_array_equal(split_indices("heldout_shuffled"), heldout)
+
+
+@pytest.mark.parametrize("task", ["pairs", "single"])
+def test_digits_images_show_the_scans_and_answers_follow_the_question(task):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    train, heldout = split_indices("train"), split_indices("heldout")
-    assert len(np.intersect1d(train, heldout)) == 0
-    assert len(train) + len(heldout) == len(digits.target) and len(heldout) == 359
-    source = DigitsSource("heldout", image_size=28)
-    assert len(source) == len(heldout) * QUESTIONS_PER_IMAGE
+    heldout = set(split_indices("heldout").tolist())
+    source = DigitsSource("heldout", image_size=28, task=task)
+    assert len(source) == source.num_images * QUESTIONS_PER_IMAGE
     for index in range(0, len(source), 7):
         example = source[index]
-        digit = int(digits.target[heldout[index // QUESTIONS_PER_IMAGE]])
+        scans = source._scans_of(index // QUESTIONS_PER_IMAGE)
+        assert len(scans) == (2 if task == "pairs" else 1) and heldout >= set(scans)  # no pair crosses the split
         question = example["conversation"][0]["content"].removeprefix("<image>\n")
         answer = example["conversation"][1]["content"]
-        words = question.rstrip("?").split()
-        if question == "What digit is this?":
-            assert answer == str(digit)
-        elif question in ("Is it even?", "Is it odd?"):
-            assert answer == "yes" and (digit % 2 == 0) == (question == "Is it even?")
-        elif question.startswith("Is it greater than"):
-            assert answer == ("yes" if digit > int(words[-1]) else "no")
-        else:
-            assert question.startswith("What is this digit plus") and answer == str(digit + int(words[-1]))
-        np.testing.assert_array_equal(example["images"][0], render(digits.images[heldout[index // 4]], 28))
-    assert set(digits_texts()) >= {"What digit is this?", "yes", "no", "Is it greater than 4?"}
+        assert answer == _expected_answer(question, tuple(int(digits.target[s]) for s in scans))
+        assert source.question_type(index) == QUESTION_TYPES[task][index % QUESTIONS_PER_IMAGE]
+        side_by_side = np.concatenate([digits.images[s] for s in scans], axis=1)
+        np.testing.assert_array_equal(example["images"][0], render(side_by_side, 28))
+    assert set(digits_texts()) >= {"What digit is this?", "yes", "no", "What is the left digit?", "18"}
+
+
+@pytest.mark.parametrize("task", ["pairs", "single"])
+def test_no_digits_question_can_be_answered_from_its_text(task):
+    """Every question asked often enough gets at least two different answers (no "always yes" question)."""
+    source = DigitsSource("train", task=task)
+    answers = {}
+    for index in range(len(source)):
+        _, question, answer = source.answer(index)
+        answers.setdefault(question, set()).add(answer)
+    assert all(len(a) >= 2 for a in answers.values()), {q: a for q, a in answers.items() if len(a) < 2}
+    parity = [source.answer(i)[2] for i in range(1, len(source), QUESTIONS_PER_IMAGE)] if task == "single" else []
+    if parity:  # "Is it even?" / "Is it odd?" is not asked according to the digit: its answer is a coin flip
+        assert 0.4 < parity.count("yes") / len(parity) < 0.6
+
+
+def test_text_only_baseline_is_the_most_frequent_training_answer_of_each_question():
+    """Worked out here by brute force: every constant guess per question, best on the training split."""
+    for task in ("pairs", "single"):
+        train, heldout = DigitsSource("train", task=task), DigitsSource("heldout", task=task)
+        counts = {}
+        for index in range(len(train)):
+            _, question, answer = train.answer(index)
+            counts.setdefault(question, {}).setdefault(answer, 0)
+            counts[question][answer] += 1
+        hits = {}
+        for index in range(len(heldout)):
+            _, question, answer = heldout.answer(index)
+            best = max(sorted(counts[question]), key=lambda a: counts[question][a])
+            hits.setdefault(heldout.question_type(index), []).append(best == answer)
+        got = text_only_accuracy(task)
+        for kind in QUESTION_TYPES[task]:
+            assert got[kind] == pytest.approx(np.mean(hits[kind]))
+        assert got["all"] == pytest.approx(np.mean([h for v in hits.values() for h in v]))
+    assert text_only_accuracy("pairs")["all"] < 0.3
+
+
+def test_shuffled_image_split_keeps_questions_and_answers_but_shows_another_image():
+    heldout = DigitsSource("heldout", image_size=28)
+    shuffled = DigitsSource("heldout_shuffled", image_size=28)
+    assert len(shuffled) == len(heldout)
+    different = 0
+    for index in range(0, len(heldout), 13):
+        a, b = heldout[index], shuffled[index]
+        assert a["conversation"] == b["conversation"]
+        different += not np.array_equal(a["images"][0], b["images"][0])
+        assert shuffled.shown_image(index) != index // QUESTIONS_PER_IMAGE
+    assert different >= 0.9 * len(range(0, len(heldout), 13))
 
 
 def test_digit_rendering_is_an_upscaled_white_on_black_scan():

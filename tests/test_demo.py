@@ -14,8 +14,7 @@ from PIL import Image
 from aki_jax import init_params, tiny
 from aki_jax.checkpoint import load_pretrained, save_pretrained
 from aki_jax.cli.demo import main as demo_main
-from aki_jax.data.digits import question as digits_question
-from aki_jax.data.digits import render
+from aki_jax.data.digits import render, single_question
 from aki_jax.generation import Sampling, generate_text
 from aki_jax.processing import SYSTEM_MESSAGE, Processor, train_tokenizer
 from aki_jax.serving import Answerer, AskSettings, model_view
@@ -39,7 +38,7 @@ def files(tmp_path_factory):
     from sklearn.datasets import load_digits
 
     tmp = tmp_path_factory.mktemp("demo")
-    texts = [SYSTEM_MESSAGE] + [" ".join(digits_question(d, k, 3)) for d in range(10) for k in range(4)] * 5
+    texts = [SYSTEM_MESSAGE] + [" ".join(single_question(k, d, 3)) for d in range(10) for k in range(4)] * 5
     tok = train_tokenizer(texts, 400, tmp / "tok")
     config = tiny(initial_tokenizer_len=tok.initial_tokenizer_len)
     params = init_params(config, jax.random.key(3))

@@ -27,7 +27,7 @@ API (numpy batches in the contract's format; see each module for details):
     for batch in make_eval_iterator(data, processor, config):   # digits held-out set (data.eval_sources):
         ...                    # one ordered pass, one example per row, same batch count on every process
 
-Source kinds (SourceConfig.kind): "digits" (built in, split "train" | "heldout"), "webdataset" (tar
+Source kinds (SourceConfig.kind): "digits" (built in, split "train" | "heldout" | "heldout_shuffled"), "webdataset" (tar
 shards of `{key}.jpg|png|webp` + `{key}.txt|json`, brace/glob patterns; streamed shard by shard in
 training, each process and worker reading whole shards; indexed for random access in evaluation),
 "llava" (LLaVA JSON/JSONL with `conversations` + image root), "vqa" (JSONL of image/question/answer

@@ -25,7 +25,8 @@ class SourceConfig:
       llava and vqa; the dataset name (`name/config:version`) for tfds; unused for digits.
     weight: sampling weight; weights are normalised over the mixture.
     image_root: llava / vqa: the directory image file names are relative to.
-    split: digits: "train" | "heldout"; tfds: the split (`train`, `train[:90%]`, ...).
+    split: digits: "train" | "heldout" | "heldout_shuffled" (held-out questions, other images); tfds: the
+      split (`train`, `train[:90%]`, ...).
     data_dir: tfds: where the prepared dataset lives (nothing is downloaded).
     features: tfds: role -> feature key, roles `image` + `question` + `answer` (+ `choices`) or `caption`;
       webdataset: {"caption": key} picks the caption's key in `.json` members (default: caption, text, txt).
@@ -80,6 +81,7 @@ class DataConfig:
     bad_check_after: ... once at least this many records were read (and at start for records skipped
       while indexing).
     digits_image_size: size the digits are drawn at (0: the model's image size).
+    digits_task: which digits questions every digits source asks: "pairs" or "single" (`aki_jax.data.digits`).
     """
 
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
@@ -99,6 +101,7 @@ class DataConfig:
     max_bad_fraction: float = 0.05
     bad_check_after: int = 100
     digits_image_size: int = 0
+    digits_task: str = "pairs"
 
     def __post_init__(self):
         for name in ("sources", "eval_sources"):
@@ -113,6 +116,8 @@ class DataConfig:
         for name in ("batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"DataConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.digits_task not in ("pairs", "single"):  # aki_jax.data.digits.TASKS (not imported: no PIL here)
+            raise ValueError(f"DataConfig.digits_task must be 'pairs' or 'single', got {self.digits_task!r}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ValueError(f"DataConfig.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
 

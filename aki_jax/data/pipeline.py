@@ -43,14 +43,14 @@ class BadDataError(RuntimeError):
     """Too large a fraction of the data was unusable."""
 
 
-def build_source(source: SourceConfig, image_size: int, streaming: bool = False):
+def build_source(source: SourceConfig, image_size: int, streaming: bool = False, digits_task: str = "pairs"):
     """SourceConfig -> a source (fails here, at start, on missing files or bad settings).
 
     All kinds are random-access sources; with `streaming`, webdataset shards are instead read shard by
     shard (`WebDatasetShards`), so that no index over all shards is built at start.
     """
     if source.kind == "digits":
-        return DigitsSource(source.split, image_size, name=source.name)
+        return DigitsSource(source.split, image_size, name=source.name, task=digits_task)
     if source.kind == "webdataset":
         keys = (source.features or {}).get("caption")
         reader = WebDatasetShards if streaming else WebDatasetSource
@@ -271,7 +271,10 @@ def make_train_iterator(
     batch = _per_process_batch(config.batch_size, process_count)
     image_size = _image_size(processor)
     images = _images_per_row(config, model_config.image_token_count)
-    sources = [build_source(s, config.digits_image_size or image_size, streaming=True) for s in config.sources]
+    sources = [
+        build_source(s, config.digits_image_size or image_size, streaming=True, digits_task=config.digits_task)
+        for s in config.sources
+    ]
     _check_index_bad(sources, config.max_bad_fraction)
     encode = Encode(processor, config.seq_len, images)
     parts = [
@@ -414,7 +417,10 @@ def make_eval_iterator(
     batch = _per_process_batch(batch_size or config.batch_size, process_count)
     image_size = _image_size(processor)
     images = max(1, config.images_per_row)
-    built = [build_source(s, config.digits_image_size or image_size) for s in (sources or config.eval_sources)]
+    built = [
+        build_source(s, config.digits_image_size or image_size, digits_task=config.digits_task)
+        for s in (sources or config.eval_sources)
+    ]
     _check_index_bad(built, config.max_bad_fraction)
     parts = [grain.MapDataset.source(s)[process_index::process_count] for s in built]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)

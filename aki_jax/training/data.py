@@ -16,6 +16,7 @@ from pathlib import Path
 import jax
 
 from aki_jax.config import AKIConfig
+from aki_jax.training.question_types import QuestionTypes
 from aki_jax.training.synthetic import SyntheticBatches
 
 
@@ -26,6 +27,7 @@ class DataBundle:
     model_config: AKIConfig  # the configured model, vocabulary fields fitted to the tokenizer
     tokenizer_dir: str | None = None
     description: str = ""
+    question_types: QuestionTypes | None = None  # held-out figures per question type and baselines (digits)
 
     def close(self):
         close = getattr(self.train, "close", None)
@@ -70,14 +72,37 @@ def pipeline_data(config) -> DataBundle:
     train = make_train_iterator(d, processor, model_config)
     eval_batch = config.eval.batch_size or d.batch_size
 
-    def make_eval():
-        iterator = make_eval_iterator(d, processor, model_config, batch_size=eval_batch)
+    def make_eval(sources=None):
+        iterator = make_eval_iterator(d, processor, model_config, sources=sources, batch_size=eval_batch)
         if config.eval.max_batches:
             return (b for b, _ in zip(iterator, range(config.eval.max_batches), strict=False))
         return iterator
 
     names = ", ".join(s.name or f"{s.kind}:{s.path or s.split}" for s in d.sources)
-    return DataBundle(train, make_eval, model_config, tokenizer_dir, names)
+    types = None
+    if all(s.kind == "digits" and s.split == "heldout" for s in d.eval_sources) and not config.eval.max_batches:
+        types = digits_question_types(d, make_eval)
+    return DataBundle(train, make_eval, model_config, tokenizer_dir, names, types)
+
+
+def digits_question_types(d, make_eval) -> QuestionTypes:
+    """Question types of the held-out digits, their shuffled-image pass and the text-only baseline."""
+    from aki_jax.data.digits import DigitsSource, text_only_accuracy
+
+    sources = [DigitsSource(s.split, task=d.digits_task) for s in d.eval_sources]
+
+    def types_of_process(p, count):
+        return [source.question_type(i) for source in sources for i in range(p, len(source), count)]
+
+    shuffled = tuple(
+        dataclasses.replace(s, split="heldout_shuffled", name=f"{s.name or 'digits'}:shuffled-images")
+        for s in d.eval_sources
+    )
+    return QuestionTypes(
+        types_of_process,
+        make_shuffled_eval=lambda: make_eval(shuffled),
+        text_only=lambda: text_only_accuracy(d.digits_task),
+    )
 
 
 def fit_vocabulary(config: AKIConfig, tokenizer) -> AKIConfig:

@@ -27,6 +27,7 @@ from aki_jax.training.checkpointing import Checkpointer, abstract_with_shardings
 from aki_jax.training.config import PRETRAINED_SUBDIR, TrainConfig
 from aki_jax.training.data import DataBundle, build_data
 from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from aki_jax.training.question_types import accuracy_by_type
 from aki_jax.training.reporting import Reporter, format_summary, plot_metrics
 from aki_jax.training.state import count_params, init_state, split_trainable, state_shardings
 from aki_jax.training.step import eval_step, make_train_step
@@ -128,6 +129,7 @@ class Outcome:
     history: list  # the logged train metrics records
     eval_result: dict | None
     timer: dict
+    baselines: dict | None = None  # held-out text-only / shuffled-image accuracies (digits question types)
 
 
 def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
@@ -208,7 +210,7 @@ def run(job: Job, callbacks: Sequence[Callback] = ()) -> Outcome:
     data_pending = [job.first_batch]
     timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
     history = []
-    eval_result = None
+    eval_result = baselines = None
     state, step = job.state, job.start_step
     with _Preemption() as preemption, sharding.activation_context(mesh, rules):
         while step < total:
@@ -243,9 +245,11 @@ def run(job: Job, callbacks: Sequence[Callback] = ()) -> Outcome:
                 break
         else:
             eval_result = evaluate(state["params"], data, config.model, mesh, rules)
+            if data.question_types is not None:
+                baselines = _baselines(state["params"], data, config.model, mesh, rules)
             reporter.log(step, eval_result, split="eval")
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
-    return Outcome(state, step, history, eval_result, timer)
+    return Outcome(state, step, history, eval_result, timer, baselines)
 
 
 def finish(job: Job, outcome: Outcome) -> dict:
@@ -263,6 +267,8 @@ def finish(job: Job, outcome: Outcome) -> dict:
     )
     if best_step is not None:
         summary["best_checkpoint_step"] = best_step
+    if outcome.baselines is not None:
+        summary["baselines"] = outcome.baselines
     if step == total:
         if job.export:
             model_dir = out_dir.absolute() / PRETRAINED_SUBDIR
@@ -321,24 +327,43 @@ def param_shardings_shapes(model_config):
     return abstract_params(model_config)[0]
 
 
-def evaluate(params, data: DataBundle, model_config, mesh, rules) -> dict:
+def evaluate(params, data: DataBundle, model_config, mesh, rules, make_eval=None) -> dict:
     """Held-out answer exact-match accuracy (teacher-forced argmax == greedy decoding) and token loss.
 
     Rows without supervised tokens (the padding rows of the last eval batch) are not counted. Each batch
     is reduced to replicated totals inside the jitted step, so every process gets the global figures.
+    With `data.question_types`, "by_type" holds the accuracy per question type. `make_eval` replaces
+    `data.make_eval` (e.g. the shuffled-image pass).
     """
     fn = _eval_fn(model_config, mesh)
     correct = loss_sum = count = n = 0
-    for batch in data.make_eval():
+    rows_correct, rows_real = [], []
+    for batch in (make_eval or data.make_eval)():
         inputs = {k: v for k, v in batch.items() if k != "example_ids"}
         totals = jax.device_get(fn(params, sharding.make_global_batch(inputs, mesh, rules)))
         correct += int(totals["correct"])
         loss_sum += float(totals["loss_sum"])
         count += float(totals["count"])
         n += int(totals["rows"])
+        rows_correct.append(totals["row_correct"])
+        rows_real.append(totals["row_real"])
     if n == 0:
         return {}
-    return {"accuracy": correct / n, "loss": loss_sum / max(count, 1.0), "examples": n}
+    result = {"accuracy": correct / n, "loss": loss_sum / max(count, 1.0), "examples": n}
+    if data.question_types is not None:
+        by_type = accuracy_by_type(rows_correct, rows_real, jax.process_count(), data.question_types.types_of_process)
+        if by_type is not None:
+            result["by_type"] = by_type
+    return result
+
+
+def _baselines(params, data: DataBundle, model_config, mesh, rules) -> dict:
+    """The text-only and shuffled-image baselines ("all" and per question type) of `question_types`."""
+    shuffled = evaluate(params, data, model_config, mesh, rules, make_eval=data.question_types.make_shuffled_eval)
+    return {
+        "text_only": data.question_types.text_only(),
+        "shuffled_image": {"all": shuffled["accuracy"], **shuffled.get("by_type", {})} if shuffled else {},
+    }
 
 
 _EVAL_FNS = {}
@@ -351,7 +376,10 @@ def _eval_fn(model_config, mesh):
         def totals(params, batch):
             ok, loss_sum, count = eval_step(params, batch, config=model_config)
             real = count > 0
-            return {"correct": (ok & real).sum(), "loss_sum": loss_sum.sum(), "count": count.sum(), "rows": real.sum()}
+            return {
+                "correct": (ok & real).sum(), "loss_sum": loss_sum.sum(), "count": count.sum(), "rows": real.sum(),
+                "row_correct": ok & real, "row_real": real,
+            }  # fmt: skip
 
         _EVAL_FNS[key] = jax.jit(totals, out_shardings=NamedSharding(mesh, PartitionSpec()))
     return _EVAL_FNS[key]
@@ -404,6 +432,8 @@ def _summary(config, step, total, history, eval_result, timer, n_trainable, abst
         summary["heldout_accuracy"] = eval_result["accuracy"]
         summary["heldout_loss"] = eval_result["loss"]
         summary["heldout_examples"] = eval_result["examples"]
+        if "by_type" in eval_result:
+            summary["heldout_by_type"] = eval_result["by_type"]
     return summary
 
 

@@ -128,9 +128,30 @@ def plot_metrics(metrics_path: str | Path, out_path: str | Path) -> Path:
 
 
 def format_summary(summary: dict) -> str:
+    """The summary as aligned `key value` lines; the per-question-type figures as a small table after them."""
     lines = ["", "=== run summary ==="]
     for key, value in summary.items():
+        if key in ("heldout_by_type", "baselines"):
+            continue
         if isinstance(value, float):
             value = f"{value:.4g}"
         lines.append(f"  {key:<24} {value}")
+    if "heldout_by_type" in summary:
+        lines += ["", "held-out exact match by question type:", *format_by_type(summary)]
     return "\n".join(lines)
+
+
+def format_by_type(summary: dict) -> list[str]:
+    """Rows "model / text only / shuffled image" x columns "all" and each question type."""
+    model = {"all": summary.get("heldout_accuracy"), **summary["heldout_by_type"]}
+    rows = [(f"model ({summary.get('attention', '?')})", model)]
+    for name, label in (("text_only", "text only"), ("shuffled_image", "shuffled image")):
+        if name in summary.get("baselines", {}):
+            rows.append((label, summary["baselines"][name]))
+    columns = list(model)
+    width = max(len(c) for c in columns) + 2
+    out = ["  " + " " * 16 + "".join(f"{c:>{width}}" for c in columns)]
+    for label, values in rows:
+        cells = "".join(f"{values[c]:>{width}.3f}" if values.get(c) is not None else " " * width for c in columns)
+        out.append(f"  {label:<16}{cells}")
+    return out
