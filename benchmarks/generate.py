@@ -15,6 +15,14 @@ Memory-bandwidth bound of decoding at batch 1: every new token reads all decoder
 layer's projections, the final norm and the LM head; of the embedding table only one row) and the filled part of the
 KV cache. bound tokens/s = measured copy bandwidth / those bytes, the bandwidth from a numpy copy of a 256 MiB
 array (read + write bytes / seconds, best of 5). Reported: the bound and each side's decode rate as a share of it.
+
+Where aki-jax's decode step loses against the bound (a jax.profiler trace of the defaults, 2026-12-01, loaded
+machine): the layers run under `nn.scan` over weights stacked on a leading layer axis, and on CPU XLA copies each
+layer's weight slice (dynamic-slice fusions) before every matrix-vector product, so each token reads and writes the
+layer weights once more than the products need: the slices took about as long as the dots (0.81 s vs 0.79 s over
+63 tokens), plus 0.25 s of weight-layout copies. A stand-alone MLP stack (8 x 512x2x1344 + 1344x512, batch 1) ran
+in 9.1-10.7 ms scanned over stacked weights and 5.2 ms over separate per-layer arrays (unrolling the scan instead
+was slower, 58-62 ms). A decode path over unstacked layer weights is the indicated next step; not done yet.
 """
 
 from __future__ import annotations
