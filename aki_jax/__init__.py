@@ -12,6 +12,7 @@ _LAZY = {
     "save_pretrained": "aki_jax.checkpoint",
     "generate": "aki_jax.generation",
     "generate_text": "aki_jax.generation",
+    "Sampling": "aki_jax.generation",
     "MeshConfig": "aki_jax.sharding",
     "make_mesh": "aki_jax.sharding",
     "param_shardings": "aki_jax.sharding",
@@ -28,6 +29,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "Sampling",
     "AKI",
     "AKIConfig",
     "DecoderConfig",

@@ -185,7 +185,14 @@ def load_params(path: str | Path, config: AKIConfig, dtype=None, sharding=None):
     """Restore the param tree at `path`, checked against `config`'s shapes, cast to `dtype`, placed by `sharding`."""
     from aki_jax.model import abstract_params
 
-    saved = params_metadata(path)
+    try:
+        saved = params_metadata(path)
+    except Exception as e:  # Orbax / TensorStore raise many types for a missing or damaged checkpoint
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(
+            f"{path}: cannot read the parameters, the checkpoint is damaged or incomplete "
+            f"({type(e).__name__}: {lines[0][:200] if lines else ''})"
+        ) from e
     expected, _ = abstract_params(config)
     problems = []
     for p, leaf in jax.tree_util.tree_leaves_with_path(expected):
@@ -209,6 +216,27 @@ def load_params(path: str | Path, config: AKIConfig, dtype=None, sharding=None):
     return _ocp().load(path, abstract)
 
 
+def check_pretrained_folder(directory: str | Path, what: str = "") -> Path:
+    """`directory` as an absolute Path if it looks like a pretrained folder; else FileNotFoundError saying why.
+
+    `what` names where the path came from (e.g. "--init-from"), so that the message points at the flag.
+    Only the layout is checked (nothing is read): a damaged checkpoint fails later, when it is loaded.
+    """
+    prefix = f"{what} {directory}" if what else str(directory)
+    path = Path(directory).absolute()  # Orbax requires absolute paths
+    if not path.exists():
+        raise FileNotFoundError(f"{prefix}: no such folder (expected a pretrained folder with {CONFIG_FILE})")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{prefix}: is a file, not a pretrained folder (with {CONFIG_FILE} and {PARAMS_DIR}/)")
+    missing = [name for name in (CONFIG_FILE, PARAMS_DIR) if not (path / name).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{prefix}: no {' and no '.join(missing)}; not an aki-jax pretrained folder "
+            f"(write one with save_pretrained, aki-convert or a finished aki-train run's <dir>/model)"
+        )
+    return path
+
+
 def load_pretrained(
     directory: str | Path, dtype=None, sharding: Any | Callable | None = None, compute_dtype=None
 ) -> tuple[Any, Any, Any]:
@@ -220,10 +248,12 @@ def load_pretrained(
     """
     from aki_jax.model import AKI
 
-    directory = Path(directory).absolute()  # Orbax requires absolute paths
-    if not (directory / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE}; not an aki-jax pretrained folder")
-    config = AKIConfig.from_json(directory / CONFIG_FILE)
+    directory = check_pretrained_folder(directory)
+    try:
+        config = AKIConfig.from_json(directory / CONFIG_FILE)
+    except (ValueError, TypeError, KeyError) as e:  # JSON syntax (already names the file), unknown fields, bad values
+        where = str(directory / CONFIG_FILE)
+        raise ValueError(str(e) if where in str(e) else f"{where}: not a valid aki-jax config ({e})") from e
     changes = {}
     if dtype is not None:
         changes["param_dtype"] = jnp.dtype(dtype).name

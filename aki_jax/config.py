@@ -1,16 +1,18 @@
 """Typed model configuration: vision tower, resampler, decoder and the whole AKI model.
 
 Configs are frozen dataclasses with defaults; presets are plain functions (`aki_4b()`, `tiny()`).
-`AKIConfig.to_json` / `AKIConfig.from_json` write and read the JSON stored next to checkpoints.
+`AKIConfig.to_json` / `AKIConfig.from_json` write and read the JSON stored next to checkpoints
+(through `aki_jax.serialization`, the one config (de)serialiser).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
+
+from aki_jax import serialization
 
 # AKIConfig.attention_impl; what each name runs is documented in aki_jax/attention/api.py.
 ATTENTION_IMPLEMENTATIONS = (
@@ -192,48 +194,18 @@ class AKIConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return serialization.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AKIConfig:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown AKIConfig fields: {sorted(unknown)}")
-        sub = {"vision": VisionConfig, "resampler": ResamplerConfig}
-        for key, klass in sub.items():
-            if key in data and isinstance(data[key], dict):
-                data[key] = _build(klass, data[key], key)
-        if "decoder" in data and isinstance(data["decoder"], dict):
-            dec = dict(data["decoder"])
-            rs = dec.get("rope_scaling")
-            if isinstance(rs, dict):
-                rs = _build(RopeScaling, rs, "decoder.rope_scaling")
-                dec["rope_scaling"] = dataclasses.replace(
-                    rs, short_factor=tuple(rs.short_factor), long_factor=tuple(rs.long_factor)
-                )
-            data["decoder"] = _build(DecoderConfig, dec, "decoder")
-        return cls(**data)
+        return serialization.from_dict(cls, data)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(serialization.to_json(self))
 
     @classmethod
     def from_json(cls, path: str | Path) -> AKIConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_dict(data)
-
-
-def _build(klass, values: dict, where: str):
-    known = {f.name for f in dataclasses.fields(klass)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown fields in {where}: {sorted(unknown)}")
-    return klass(**values)
+        return serialization.from_json(cls, path)
 
 
 def aki_4b() -> AKIConfig:

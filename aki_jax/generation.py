@@ -3,11 +3,14 @@
 Array level (no tokenizer needed):
 
     new_ids = generate(model, params, pixel_values, input_ids, modality_ids, max_new_tokens=32,
-                       eos_ids=(eos,), temperature=0.0)            # int32[B, 32]
+                       sampling=Sampling(eos_ids=(eos,)))          # int32[B, 32], greedy
 
 Text level:
 
     answers = generate_text(model, params, tokenizer, "What is in the picture?", [image])
+    answers = generate_text(..., sampling=Sampling(temperature=0.7, top_p=0.9, seed=1))
+
+`Sampling` holds every setting of how tokens are chosen and when rows stop; all three entry points take it.
 
 How it works (B rows, prompt length P, N new tokens, cache length P + N):
   1. Prefill: one forward over the prompt with the modality (MMA) mask, writing keys/values into
@@ -35,6 +38,7 @@ activations (batch over data/fsdp, heads over tensor). Without a mesh the constr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
@@ -48,6 +52,28 @@ from aki_jax.mask import PAD, TEXT
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How new tokens are chosen (see `sample_logits`) and when a row stops.
+
+    temperature: 0 is greedy (argmax); top_k / top_p: None is off; seed: the same seed gives the same
+    tokens for the same inputs. eos_ids: ids that end a row (kept in the output, `pad_id` after); empty:
+    never stop early; None: none for `generate` / `stream_generate`, the tokenizer's stop tokens for
+    `generate_text` (which also uses the tokenizer's pad id).
+    All of these are traced: changing them reuses the compiled program.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    eos_ids: tuple[int, ...] | None = None
+    pad_id: int = 0
+
+
+GREEDY = Sampling()
+
+
 def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
     """Next token ids int32[B] from logits f32[B, V]: argmax when temperature is 0, else sampled.
 
@@ -77,16 +103,16 @@ def sample_logits(logits, key, temperature=0.0, top_k=0, top_p=1.0):
     return jax.lax.cond(jnp.asarray(temperature) > 0, sampled, greedy, None)
 
 
-def _sampling_args(temperature, top_k, top_p, eos_ids, pad_id) -> dict:
+def _sampling_args(sampling: Sampling) -> dict:
     """Traced sampling settings; eos ids padded with -1 to a multiple of 8 so their count rarely recompiles."""
-    eos = [int(i) for i in eos_ids]
+    eos = [int(i) for i in sampling.eos_ids or ()]
     width = max(8, -(-len(eos) // 8) * 8)
     return {
-        "temperature": jnp.float32(temperature),
-        "top_k": jnp.int32(0 if top_k is None else top_k),
-        "top_p": jnp.float32(1.0 if top_p is None else top_p),
+        "temperature": jnp.float32(sampling.temperature),
+        "top_k": jnp.int32(0 if sampling.top_k is None else sampling.top_k),
+        "top_p": jnp.float32(1.0 if sampling.top_p is None else sampling.top_p),
         "eos_ids": jnp.asarray(eos + [-1] * (width - len(eos)), jnp.int32),
-        "pad_id": jnp.int32(pad_id),
+        "pad_id": jnp.int32(sampling.pad_id),
     }
 
 
@@ -182,24 +208,16 @@ def generate(
     modality_ids,
     max_new_tokens: int = 256,
     *,
-    eos_ids: Sequence[int] = (),
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    pad_id: int = 0,
+    sampling: Sampling = GREEDY,
     cache_dtype=None,
 ):
-    """New token ids int32[B, max_new_tokens] after the prompts (greedy unless temperature > 0).
+    """New token ids int32[B, max_new_tokens] after the prompts (greedy unless sampling.temperature > 0).
 
     Args:
       model: `aki_jax.AKI(config)`; params: its parameters.
       pixel_values: f32[B, I, S, S, 3] or None; input_ids, modality_ids: int[B, P] (a processed,
         padded prompt batch, e.g. `Processor.collate(..., padding_side="left")`).
-      eos_ids: ids that end a row (kept in the output, `pad_id` after); empty: never stop early.
-      temperature, top_k, top_p, seed: sampling (see `sample_logits`); the same seed gives the same
-        tokens for the same inputs. These, eos_ids and pad_id are traced: changing them reuses the
-        compiled program (shapes, max_new_tokens, the model and cache_dtype are compiled in).
+      sampling: `Sampling` (traced; shapes, max_new_tokens, the model and cache_dtype are compiled in).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
@@ -208,8 +226,8 @@ def generate(
         pixel_values,
         input_ids,
         modality_ids,
-        jax.random.key(seed),
-        _sampling_args(temperature, top_k, top_p, eos_ids, pad_id),
+        jax.random.key(sampling.seed),
+        _sampling_args(sampling),
         model=model,
         max_new_tokens=int(max_new_tokens),
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
@@ -243,21 +261,17 @@ def stream_generate(
     modality_ids,
     max_new_tokens: int = 256,
     *,
-    eos_ids: Sequence[int] = (),
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-    pad_id: int = 0,
+    sampling: Sampling = GREEDY,
     cache_dtype=None,
 ):
     """Like `generate`, but yields each step's tokens (numpy int32[B]) as they are produced.
 
-    Yields the same tokens as `generate` with the same arguments (finished rows yield `pad_id`).
+    Yields the same tokens as `generate` with the same arguments (finished rows yield `sampling.pad_id`).
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
-    sampling = _sampling_args(temperature, top_k, top_p, eos_ids, pad_id)
-    key = jax.random.key(seed)
+    settings = sampling
+    sampling = _sampling_args(settings)
+    key = jax.random.key(settings.seed)
     cache_dtype = None if cache_dtype is None else jnp.dtype(cache_dtype).name
     cache, token, real, lengths = _stream_prefill(
         params,
@@ -270,14 +284,14 @@ def stream_generate(
         cache_length=input_ids.shape[1] + max_new_tokens,
         cache_dtype=cache_dtype,
     )
-    stops = np.asarray(tuple(eos_ids), np.int32)
+    stops = np.asarray(settings.eos_ids or (), np.int32)
     done = np.zeros(input_ids.shape[0], bool)
     for step in range(max_new_tokens):
         if step > 0:
             cache, token = _stream_step(
                 params, cache, token, jnp.int32(step), real, lengths, key, sampling, model=model
             )
-        host = np.where(done, pad_id, np.asarray(token)).astype(np.int32)
+        host = np.where(done, settings.pad_id, np.asarray(token)).astype(np.int32)
         token = jnp.asarray(host)
         done |= np.isin(host, stops)
         yield host
@@ -296,7 +310,7 @@ def generate_text(
     max_new_tokens: int = 256,
     on_text: Callable[[str], None] | None = None,
     pad_to_multiple: int = 16,
-    **sampling,
+    sampling: Sampling = GREEDY,
 ) -> str | list[str]:
     """Answer questions about images with the chat template.
 
@@ -308,7 +322,7 @@ def generate_text(
         questions, a list of such lists. None: no images.
       on_text: called with each new piece of text of the first row as it is generated (streaming).
       pad_to_multiple: prompts are left-padded to a multiple of this to reuse compiled code.
-      sampling: temperature, top_k, top_p, seed, eos_ids (default `tokenizer.stop_token_ids`).
+      sampling: `Sampling`; eos_ids None means `tokenizer.stop_token_ids`; the pad id is the tokenizer's.
 
     Returns the answer text(s), cut at the first stop token.
     """
@@ -329,10 +343,10 @@ def generate_text(
     longest = max(len(e["input_ids"]) for e in examples)
     length = -(-longest // pad_to_multiple) * pad_to_multiple
     batch = processor.collate(examples, length, padding_side="left")
-    eos_ids = tuple(sampling.pop("eos_ids", tokenizer.stop_token_ids))
-    pad_id = tokenizer.pad_token_id
+    eos_ids = tuple(tokenizer.stop_token_ids if sampling.eos_ids is None else sampling.eos_ids)
+    sampling = dataclasses.replace(sampling, eos_ids=eos_ids, pad_id=tokenizer.pad_token_id)
     args = (model, params, batch["pixel_values"], batch["input_ids"], batch["modality_ids"], max_new_tokens)
-    kwargs = {"eos_ids": eos_ids, "pad_id": pad_id, **sampling}
+    kwargs = {"sampling": sampling}
     if on_text is None:
         tokens = np.asarray(generate(*args, **kwargs))
     else:

@@ -120,10 +120,19 @@ def init_params(config: AKIConfig, rng) -> dict:
     return jax.jit(lambda r: nn.unbox(AKI(config).init(r, *inputs)["params"]))(rng)
 
 
+def boxed_abstract_params(config: AKIConfig):
+    """The param tree as `nn.LogicallyPartitioned` boxes of jax.ShapeDtypeStruct (nothing allocated).
+
+    Anything computed from it under `jax.eval_shape` (an optimizer state) keeps the boxes, so
+    `nn.get_partition_spec` gives the logical names of every leaf derived from a parameter.
+    """
+    return jax.eval_shape(lambda r: AKI(config).init(r, *dummy_inputs(config)), jax.random.key(0))["params"]
+
+
 def abstract_params(config: AKIConfig):
     """Parameter shapes/dtypes and logical axis names without allocating anything.
 
     Returns (jax.ShapeDtypeStruct tree, PartitionSpec tree of logical names).
     """
-    boxed = jax.eval_shape(lambda r: AKI(config).init(r, *dummy_inputs(config)), jax.random.key(0))["params"]
+    boxed = boxed_abstract_params(config)
     return nn.unbox(boxed), nn.get_partition_spec(boxed)

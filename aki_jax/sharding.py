@@ -149,22 +149,14 @@ def logical_to_spec(logical: PartitionSpec, shape: Sequence[int], mesh: Mesh, ru
     return PartitionSpec(*out)
 
 
-def tree_shardings(shapes, logical_specs, mesh: Mesh, rules):
-    """NamedSharding tree for a (ShapeDtypeStruct tree, logical PartitionSpec tree) pair."""
-    return jax.tree.map(
-        lambda s, spec: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
-        shapes,
-        logical_specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
+def boxed_shardings(boxed, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of an abstract tree whose leaves may be logically boxed.
 
-
-def param_shardings(config, mesh: Mesh, rules):
-    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
-    from aki_jax.model import abstract_params  # the model does not import sharding; avoid a cycle anyway
-
-    shapes, logical = abstract_params(config)
-    # abstract_params' spec tree has PartitionSpec leaves where the shape tree has arrays.
+    Boxed leaves (`nn.LogicallyPartitioned`, e.g. params and optimizer moments derived from them) map
+    through `logical_to_spec`; unboxed ones (step counters) are replicated.
+    """
+    shapes, logical = nn.unbox(boxed), nn.get_partition_spec(boxed)
+    # The spec tree has PartitionSpec leaves where the shape tree has arrays.
     shardings = jax.tree.map(
         lambda spec, s: NamedSharding(mesh, logical_to_spec(spec, s.shape, mesh, rules)),
         logical,
@@ -172,6 +164,13 @@ def param_shardings(config, mesh: Mesh, rules):
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
     return shapes, shardings
+
+
+def param_shardings(config, mesh: Mesh, rules):
+    """(ShapeDtypeStruct tree, NamedSharding tree) of the AKI params for `config` (nothing allocated)."""
+    from aki_jax.model import boxed_abstract_params  # the model does not import sharding; avoid a cycle anyway
+
+    return boxed_shardings(boxed_abstract_params(config), mesh, rules)
 
 
 def batch_spec(ndim: int, rules) -> PartitionSpec:
@@ -223,6 +222,35 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
                 kwargs[key] = _env_int(env)
         jax.distributed.initialize(**kwargs)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+FINISH_TIMEOUT_ENV = "AKI_FINISH_TIMEOUT_S"
+DEFAULT_FINISH_TIMEOUT_S = 3600
+
+
+def finish_distributed(name: str = "aki-finish", timeout_s: float | None = None) -> None:
+    """End a multi-host run cleanly: wait until every process gets here, then shut `jax.distributed` down.
+
+    Without this, JAX shuts down at interpreter exit, where a process that is done waits for the others
+    in a shutdown barrier of fixed length (5 minutes) and aborts the whole job (SIGABRT, "Shutdown
+    barrier has failed ... DEADLINE_EXCEEDED") when another host is slower: a loaded machine, a
+    process writing plots or reports. Here a finished process waits at a named barrier of the
+    coordination service, for `timeout_s` (default AKI_FINISH_TIMEOUT_S, else an hour); a process that
+    died is still noticed within the heartbeat timeout. Only then is the runtime shut down, with
+    everyone present. A no-op on one process (and when `jax.distributed` was not initialised).
+    """
+    import os
+
+    from jax._src import distributed  # the coordination client; jax has no public barrier with a timeout
+
+    client = getattr(distributed.global_state, "client", None)
+    if client is None:
+        return
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(FINISH_TIMEOUT_ENV) or DEFAULT_FINISH_TIMEOUT_S)
+    log.info("process %d: finished; waiting for the other processes", jax.process_index())
+    client.wait_at_barrier(name, int(timeout_s * 1000))
+    jax.distributed.shutdown()
 
 
 def _env_int(name: str) -> int:

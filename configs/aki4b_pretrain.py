@@ -1,4 +1,4 @@
-"""AKI-4B caption pretraining, the paper's recipe (AKI_REFERENCE.md "Training recipe").
+"""AKI-4B caption pretraining, the paper's recipe (docs/original_model.md, "Training recipe").
 
 The paper's whole recipe is four commands: towers -> pretraining (this file) -> SFT -> evaluation.
 

@@ -1,4 +1,4 @@
-"""AKI-4B supervised fine-tuning, the paper's recipe (AKI_REFERENCE.md "Training recipe").
+"""AKI-4B supervised fine-tuning, the paper's recipe (docs/original_model.md, "Training recipe").
 
 11 instruction datasets mixed by sampling weights, max length 512, batch 4 per device, lr 2e-5 down to
 1e-6 with warmup 150, weight decay 1e-4, 50k steps; loss on answer tokens only (the processor gives

@@ -61,12 +61,8 @@ def released_folder(path, tensors, tokenizer_dir=None):
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from aki_jax.processing.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(["a chat between a user and an assistant", "the cat sat on the mat"] * 4, 300, out)
-    return out
+def tokenizer_dir(tiny_tokenizer_dir):
+    return tiny_tokenizer_dir
 
 
 @pytest.fixture(scope="module")

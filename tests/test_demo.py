@@ -16,7 +16,7 @@ from aki_jax.checkpoint import load_pretrained, save_pretrained
 from aki_jax.cli.demo import main as demo_main
 from aki_jax.data.digits import question as digits_question
 from aki_jax.data.digits import render
-from aki_jax.generation import generate_text
+from aki_jax.generation import Sampling, generate_text
 from aki_jax.processing import SYSTEM_MESSAGE, Processor, train_tokenizer
 from aki_jax.serving import Answerer, AskSettings, model_view
 from aki_jax.serving.answerer import PROMPT_BUCKET
@@ -98,8 +98,9 @@ def expected_answer(reference, images, question=QUESTION, pad_to_multiple=PROMPT
     model, params, tokenizer = reference
     kwargs = {} if pad_to_multiple is None else {"pad_to_multiple": pad_to_multiple}
     return generate_text(
-        model, params, tokenizer, question, images, max_new_tokens=MAX_NEW_TOKENS, **kwargs, **sampling
-    )
+        model, params, tokenizer, question, images, max_new_tokens=MAX_NEW_TOKENS, **kwargs,
+        sampling=Sampling(**sampling),
+    )  # fmt: skip
 
 
 @pytest.mark.slow

@@ -138,9 +138,6 @@ class RecordingScorer:
     def settings(self):
         return {"mode": "fake"}
 
-    def item_rows(self, item):
-        return 1
-
     def prepare(self, item):
         self.prepared.append(item.index)
         if self.load_images and item.image is not None:
@@ -150,10 +147,10 @@ class RecordingScorer:
                 raise runner.ItemUnreadable(str(e)) from None
         return item
 
-    def run(self, rows):
-        return [None] * len(rows)
+    def run(self, prepared):
+        return [None] * len(prepared)
 
-    def finish(self, item, outputs):
+    def finish(self, item, output):
         return {"prediction": "yes"}
 
 

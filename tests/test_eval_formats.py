@@ -245,31 +245,28 @@ def test_mme_pair_rule_and_perception_cognition_split():
 class CountingScorer:
     """Stand-in model: answers every multiple-choice item with the letter of its index mod options.
 
-    Each item needs `rows` rows; `calls` counts model calls; `fail_after` raises mid-run like a crash.
+    Each item is one row; `calls` counts model calls; `fail_after` raises mid-run like a crash.
     """
 
-    def __init__(self, rows_per_step=3, rows=2, fail_after=None):
-        self.rows_per_step, self.rows, self.fail_after, self.calls = rows_per_step, rows, fail_after, 0
+    def __init__(self, rows_per_step=2, fail_after=None):
+        self.rows_per_step, self.fail_after, self.calls = rows_per_step, fail_after, 0
 
     def settings(self):
         return {"mode": "fake"}
-
-    def item_rows(self, item):
-        return self.rows
 
     def prepare(self, item):
         if item.question == "broken":
             raise runner.ItemFailed("cannot prepare")
         return item
 
-    def run(self, rows):
+    def run(self, prepared):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.calls += 1
-        return [(item.index, r) for item, r in rows]
+        return [item.index for item in prepared]
 
-    def finish(self, item, outputs):
-        assert outputs == [(item.index, r) for r in range(self.rows)]  # all rows, in order
+    def finish(self, item, output):
+        assert output == item.index  # the output of this item's own row
         return {"prediction": item.letters[item.index % 3 % len(item.letters)]}
 
 
@@ -284,23 +281,22 @@ def _fake_benchmark(tmp_path, n=11):
 
 def test_killed_run_resumes_without_recomputing_finished_items(tmp_path):
     bench = _fake_benchmark(tmp_path)
-    rows = 2 * len(bench.items)
     full = CountingScorer()
     reference = runner.evaluate_benchmark(bench, full, tmp_path / "full", progress=False)
-    assert full.calls == -(-rows // 3)
+    assert full.calls == -(-len(bench.items) // 2)
 
     crashed = CountingScorer(fail_after=3)
     with pytest.raises(KeyboardInterrupt):
         runner.evaluate_benchmark(bench, crashed, tmp_path / "resumed", progress=False)
     shard = tmp_path / "resumed" / "fake" / "shards" / "process-00000.jsonl"
     finished = [json.loads(line)["index"] for line in shard.read_text().splitlines()]
-    assert sorted(finished) == [0, 1, 2, 3, 4]  # 3 calls x 3 rows = 9 rows: items 0-3 done, 4 failed
+    assert sorted(finished) == [0, 1, 2, 3, 4, 5]  # 3 calls x 2 rows: items 0-3 and 5 done, 4 failed
     with open(shard, "a") as f:
-        f.write('{"index": 5, "predic')  # a write cut by the kill
+        f.write('{"index": 6, "predic')  # a write cut by the kill
 
     resumed = CountingScorer()
     scores = runner.evaluate_benchmark(bench, resumed, tmp_path / "resumed", progress=False)
-    assert resumed.calls == -(-(2 * (len(bench.items) - 5)) // 3)  # only items 5.. are run again
+    assert resumed.calls == -(-(len(bench.items) - 6) // 2)  # only items 6.. are run again
     assert scores == reference
     merged = (tmp_path / "resumed" / "fake" / "predictions.jsonl").read_text()
     assert merged == (tmp_path / "full" / "fake" / "predictions.jsonl").read_text()
@@ -315,13 +311,13 @@ def test_processes_split_the_work_and_the_merge_is_deterministic(tmp_path):
     # Two "processes" that start together: each sees no finished item; their shards meet in one folder.
     calls = []
     for p in (1, 0):
-        scorer = CountingScorer()
+        scorer = CountingScorer(rows_per_step=3)
         runner.run_predictions(bench, scorer, tmp_path / f"p{p}", runner.Distribution(p, 2), progress=False)
         calls.append(scorer.calls)
         shard = tmp_path / f"p{p}" / "fake" / "shards" / f"process-{p:05d}.jsonl"
         (tmp_path / "two" / "fake" / "shards").mkdir(parents=True, exist_ok=True)
         shard.rename(tmp_path / "two" / "fake" / "shards" / shard.name)
-    assert calls == [4, 4]  # 10 and 12 rows in steps of 3: both run the same number of steps
+    assert calls == [2, 2]  # 5 and 6 rows in steps of 3
     shards = sorted((tmp_path / "two" / "fake" / "shards").glob("*.jsonl"))
     assert [s.name for s in shards] == ["process-00000.jsonl", "process-00001.jsonl"]
     indices = [[json.loads(x)["index"] for x in s.read_text().splitlines()] for s in shards]
@@ -366,17 +362,16 @@ from aki_jax.evaluation import runner
 from aki_jax.evaluation.readers import read_benchmark
 
 class Scorer:
-    rows_per_step = 3
+    rows_per_step = 2
     calls = 0
     def settings(self): return {"mode": "fake"}
-    def item_rows(self, item): return 2
     def prepare(self, item): return item
-    def run(self, rows):
+    def run(self, prepared):
         if self.calls == int(sys.argv[3]):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: a real preemption
         self.calls += 1
-        return [None] * len(rows)
-    def finish(self, item, outputs): return {"prediction": "A"}
+        return [None] * len(prepared)
+    def finish(self, item, output): return {"prediction": "A"}
 
 runner.evaluate_benchmark(read_benchmark(sys.argv[1]), Scorer(), sys.argv[2], progress=False)
 """
@@ -387,12 +382,12 @@ def test_sigkilled_process_keeps_every_item_it_finished(tmp_path):
     import sys
 
     bench = _fake_benchmark(tmp_path, n=9)
-    command = [sys.executable, "-c", KILLED_WORKER, bench.path, str(tmp_path / "out"), "4"]
+    command = [sys.executable, "-c", KILLED_WORKER, bench.path, str(tmp_path / "out"), "3"]
     assert subprocess.run(command).returncode == -9
     shard = tmp_path / "out" / "fake" / "shards" / "process-00000.jsonl"
-    assert [json.loads(x)["index"] for x in shard.read_text().splitlines()] == [0, 1, 2, 3, 4, 5]  # 4 steps x 3 rows
+    assert [json.loads(x)["index"] for x in shard.read_text().splitlines()] == [0, 1, 2, 3, 4, 5]  # 3 steps x 2 rows
     scorer = CountingScorer()
     runner.evaluate_benchmark(bench, scorer, tmp_path / "out", progress=False)
-    assert scorer.calls == 2  # items 6-8: 6 rows in steps of 3
+    assert scorer.calls == 2  # items 6-8: 3 rows in steps of 2
     merged = runner.merge_predictions(bench, tmp_path / "out")
     assert [r["index"] for r in merged] == list(range(9))

@@ -255,16 +255,13 @@ class FixedScorer:
     def settings(self):
         return {"mode": "fixed"}
 
-    def item_rows(self, item):
-        return 1
-
     def prepare(self, item):
         return item
 
-    def run(self, rows):
-        return [None] * len(rows)
+    def run(self, prepared):
+        return [None] * len(prepared)
 
-    def finish(self, item, outputs):
+    def finish(self, item, output):
         return {"prediction": self.predictions[item.index]}
 
 

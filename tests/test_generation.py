@@ -6,19 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aki_jax import AKI, init_cache, init_params, tiny
-from aki_jax.generation import generate, generate_text, sample_logits, stream_generate
+from aki_jax import AKI, init_cache
+from aki_jax.generation import Sampling, generate, generate_text, sample_logits, stream_generate
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
+
+# Compiles prefill and decode for many shapes (about 5 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
 
 NEW = 6
 PROMPT = 16
 
 
 @pytest.fixture(scope="module")
-def setup():
-    config = tiny()
+def setup(tiny_params):
+    config, shared = tiny_params
+    params = jax.tree.map(lambda x: x, shared)  # a copy: the head is scaled below
     model = AKI(config)
-    params = init_params(config, jax.random.key(0))
     # Larger logits spread so greedy ties are impossible and sampling is not near-uniform.
     params["decoder"]["lm_head_kernel"] = params["decoder"]["lm_head_kernel"] * 20.0
     return config, model, params
@@ -128,7 +131,8 @@ def test_rows_stop_at_end_tokens_and_pad_after(setup, reference):
     prompts, pixels, expected, _, _ = reference
     ids, modality = left_padded(prompts, PROMPT)
     stop = int(expected[0, 2])
-    out = np.asarray(generate(model, params, pixels, ids, modality, NEW, eos_ids=(stop,), pad_id=-1))
+    stopping = Sampling(eos_ids=(stop,), pad_id=-1)
+    out = np.asarray(generate(model, params, pixels, ids, modality, NEW, sampling=stopping))
     first = int(np.flatnonzero(expected[0] == stop)[0])
     np.testing.assert_array_equal(out[0, : first + 1], expected[0, : first + 1])
     assert (out[0, first + 1 :] == -1).all()
@@ -136,7 +140,7 @@ def test_rows_stop_at_end_tokens_and_pad_after(setup, reference):
     cut = hits[0] + 1 if len(hits) else NEW
     np.testing.assert_array_equal(out[1, :cut], expected[1, :cut])
     # Streaming yields the same tokens, step by step.
-    streamed = list(stream_generate(model, params, pixels, ids, modality, NEW, eos_ids=(stop,), pad_id=-1))
+    streamed = list(stream_generate(model, params, pixels, ids, modality, NEW, sampling=stopping))
     np.testing.assert_array_equal(np.stack(streamed, 1), out[:, : len(streamed)])
 
 
@@ -144,10 +148,10 @@ def test_sampling_is_reproducible_and_stays_in_the_top_k(setup, reference):
     _, model, params = setup
     prompts, pixels, _, _, forward = reference
     ids, modality = left_padded(prompts, PROMPT)
-    kwargs = {"temperature": 1.5, "top_k": 3}
-    a = np.asarray(generate(model, params, pixels, ids, modality, NEW, seed=7, **kwargs))
-    b = np.asarray(generate(model, params, pixels, ids, modality, NEW, seed=7, **kwargs))
-    c = np.asarray(generate(model, params, pixels, ids, modality, NEW, seed=8, **kwargs))
+    seven, eight = Sampling(temperature=1.5, top_k=3, seed=7), Sampling(temperature=1.5, top_k=3, seed=8)
+    a = np.asarray(generate(model, params, pixels, ids, modality, NEW, sampling=seven))
+    b = np.asarray(generate(model, params, pixels, ids, modality, NEW, sampling=seven))
+    c = np.asarray(generate(model, params, pixels, ids, modality, NEW, sampling=eight))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     # Teacher-force each row's sampled tokens through the full forward: every token was in the top 3.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from aki_jax import AKI, init_params, tiny
-from aki_jax.generation import _sampling_args, _stream_prefill, generate
+from aki_jax.generation import Sampling, _sampling_args, _stream_prefill, generate
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
 from aki_jax.sharding import MeshConfig, activation_context, logical_rules, make_mesh, param_shardings
 
@@ -44,7 +44,7 @@ def test_cache_is_sharded_like_activations_and_tokens_match():
             ids,
             modality,
             jax.random.key(0),
-            _sampling_args(0.0, None, None, (), 0),
+            _sampling_args(Sampling()),
             model=model,
             cache_length=17,
             cache_dtype=None,

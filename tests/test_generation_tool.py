@@ -8,15 +8,15 @@ from aki_jax import init_params, tiny
 from aki_jax.checkpoint import load_pretrained, save_pretrained
 from aki_jax.cli.generate import main as generate_main
 from aki_jax.generation import generate_text
-from aki_jax.processing import SYSTEM_MESSAGE, train_tokenizer
+from aki_jax.processing import load_tokenizer
 
 
-def test_tool_prints_the_streamed_answer(tmp_path, capsys):
-    tok = train_tokenizer([SYSTEM_MESSAGE, "What is in the picture? A cat on a mat."] * 20, 400, tmp_path / "tok")
+def test_tool_prints_the_streamed_answer(tmp_path, capsys, tiny_tokenizer_dir):
+    tok = load_tokenizer(tiny_tokenizer_dir)
     config = tiny(initial_tokenizer_len=tok.initial_tokenizer_len)
     params = init_params(config, jax.random.key(3))
     params["decoder"]["lm_head_kernel"] = params["decoder"]["lm_head_kernel"] * 20.0
-    save_pretrained(tmp_path / "model", config, params, tokenizer_dir=tmp_path / "tok")
+    save_pretrained(tmp_path / "model", config, params, tokenizer_dir=tiny_tokenizer_dir)
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8)).save(image)
 

@@ -13,9 +13,8 @@ from aki_jax.model import AKI
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    config = aki_jax.tiny()
-    params = aki_jax.init_params(config, jax.random.key(0))
+def tiny(tiny_params):
+    config, params = tiny_params
     # random (not init-default) norms and biases so that every term is exercised
     rng = np.random.default_rng(1)
     noisy = lambda x: (np.asarray(x) + 0.05 * rng.normal(size=x.shape)).astype(np.float32)  # noqa: E731
@@ -66,7 +65,7 @@ def softmax(x):
 
 
 def numpy_resampler(p, media, config):
-    """Flamingo Perceiver resampler as AKI_REFERENCE.md describes it, on 2-D (in, out) matrices."""
+    """Flamingo Perceiver resampler as docs/original_model.md describes it, on 2-D (in, out) matrices."""
     c = config.resampler
     eps, heads, dim_head = c.layer_norm_eps, c.num_heads, c.head_dim
     inner = heads * dim_head
@@ -241,7 +240,7 @@ def test_config_json_round_trip_and_errors(tmp_path):
     config = aki_jax.aki_4b().replace(dtype="bfloat16", attention="causal")
     config.to_json(tmp_path / "c.json")
     assert aki_jax.AKIConfig.from_json(tmp_path / "c.json") == config
-    with pytest.raises(ValueError, match="unknown fields in decoder"):
+    with pytest.raises(ValueError, match=r"AKIConfig.decoder: unknown fields \['hidden'\]"):
         aki_jax.AKIConfig.from_dict({"decoder": {"hidden": 3}})
     with pytest.raises(ValueError, match="attention"):
         aki_jax.tiny(attention="full")

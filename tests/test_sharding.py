@@ -58,12 +58,11 @@ def test_parallelism_is_chosen_by_mesh_sizes_alone():
     assert tp8["decoder"]["layers"]["down_kernel"] == P(None, "tensor", None)
 
 
-def test_params_are_really_sharded_on_a_2x2x2_mesh():
-    config = aki_jax.tiny()
+def test_params_are_really_sharded_on_a_2x2x2_mesh(tiny_params):
+    config, reference = tiny_params
     mesh_config = S.MeshConfig(data=2, fsdp=2, tensor=2)
     mesh = S.make_mesh(mesh_config)
     shapes, shardings = S.param_shardings(config, mesh, S.logical_rules(mesh_config))
-    reference = aki_jax.init_params(config, jax.random.key(0))
     params = jax.device_put(reference, shardings)
     qkv = params["decoder"]["layers"]["qkv_kernel"]  # (layers, D, 3, N, H): D over fsdp, N over tensor
     layers, d, _, n, h = qkv.shape
@@ -104,3 +103,31 @@ def test_the_aki4b_recipe_shards_its_big_matrices_on_a_gpu8_mesh():
     )
     total = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes))
     assert per_device < total / 7  # nearly everything is split 8 ways
+
+
+@pytest.mark.parametrize(
+    "mesh_config", [S.MeshConfig(data=2, fsdp=2, tensor=2), S.MeshConfig(data=1, fsdp=1, tensor=8)]
+)
+@pytest.mark.parametrize("freeze_vision", [True, False])
+def test_optimizer_moments_shard_like_their_parameter_and_counters_are_replicated(mesh_config, freeze_vision):
+    from aki_jax.training.config import OptimizerConfig
+    from aki_jax.training.optimizer import make_optimizer
+    from aki_jax.training.state import state_shardings
+
+    config = aki_jax.tiny(freeze_vision=freeze_vision)
+    mesh, rules = S.make_mesh(mesh_config), S.logical_rules(mesh_config)
+    _, shardings = state_shardings(config, make_optimizer(OptimizerConfig()), mesh, rules)
+    by_path = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings["params"])}
+    moments = 0
+    for path, s in jax.tree_util.tree_leaves_with_path(shardings["opt_state"]):
+        # a moment's path ends with its parameter's path: ...mu['decoder']['layers']['qkv_kernel']
+        key = jax.tree_util.keystr(path)
+        owner = [p for p in by_path if key.endswith(p) and (".mu" in key or ".nu" in key)]
+        if owner:
+            moments += 1
+            assert s == by_path[max(owner, key=len)], key
+        else:
+            assert s.spec == P(), key
+    trainable = [p for p in by_path if not (freeze_vision and p.startswith("['vision']"))]
+    assert moments == 2 * len(trainable)  # mu and nu of every trained parameter, none of the frozen tower
+    assert any(s.spec != P() for s in by_path.values())

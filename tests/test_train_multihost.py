@@ -1,6 +1,6 @@
-"""Multi-host training: `python train.py` as two real JAX processes (2 CPU devices each, gloo collectives,
-`jax.distributed` initialised from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on one
-2x2 (data x fsdp) mesh.
+"""Multi-host training: `aki-train` (through tests/train_with_hooks.py: example ids and faults) as two real
+JAX processes (2 CPU devices each, gloo collectives, `jax.distributed` initialised from
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on one 2x2 (data x fsdp) mesh.
 
 - On synthetic data (whose global batch does not depend on the process count) two processes end where one
   process with the same four devices ends.
@@ -10,6 +10,8 @@
   examples at every step, none twice, and no example on both processes.
 - Each process's data-iterator state travels through the checkpoint (Orbax writes JSON from process 0
   only) and comes back to that process; a different process count is refused by name.
+- A process that finishes long before the other (slow host) waits for it and both exit cleanly, where
+  JAX's own shutdown barrier (5 minutes, fixed) would abort the job.
 """
 
 import json
@@ -17,6 +19,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -38,7 +42,6 @@ COMMON = [
     "logging.progress_bar=false",
     "logging.tensorboard=false",
     "logging.plot=false",
-    "logging.record_example_ids=true",
     "logging.peak_flops_per_device=1e12",
     "eval.max_batches=1",
 ]
@@ -65,38 +68,66 @@ def _free_address() -> str:
         return f"localhost:{s.getsockname()[1]}"
 
 
+# Generous: on a loaded 2-core machine one launch has taken 8 minutes (mostly compilation).
+LAUNCH_TIMEOUT_S = 1800
+
+
 def launch(argv: list[str], cache: Path, processes: int = 2, env_extra=None) -> list[subprocess.CompletedProcess]:
-    """Run `python <argv>` as `processes` JAX processes (2 devices each; 4 devices when alone)."""
-    if processes == 1:
-        done = subprocess.run(
-            [sys.executable, *argv], env=_env(cache, 4), cwd=ROOT, capture_output=True, text=True, timeout=600
-        )
-        return [done]
+    """Run `python <argv>` as `processes` JAX processes (2 devices each; 4 devices when alone).
+
+    Output goes to files, not pipes (a process blocked on a full pipe would stall the others at their
+    next collective). Past LAUNCH_TIMEOUT_S every process is killed and the test fails with their output.
+    """
     address = _free_address()
     running = []
-    for p in range(processes):
-        env = _env(cache, 2)
-        env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(p))
-        env.update(env_extra or {})
-        running.append(
-            subprocess.Popen(
-                [sys.executable, *argv], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    out = []
-    for proc in running:
-        stdout, stderr = proc.communicate(timeout=600)
-        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
-    return out
+    with tempfile.TemporaryDirectory() as logs:
+        for p in range(processes):
+            env = _env(cache, 2 if processes > 1 else 4)
+            if processes > 1:
+                env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(p))
+            env.update(env_extra or {})
+            out, err = open(Path(logs) / f"{p}.out", "w+"), open(Path(logs) / f"{p}.err", "w+")
+            proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, stdout=out, stderr=err, text=True)
+            running.append((proc, out, err))
+        deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+        try:
+            for proc, _, _ in running:
+                proc.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            timed_out = [proc.poll() is None for proc, _, _ in running]
+            for proc, _, _ in running:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        done = []
+        for proc, out, err in running:
+            out.seek(0)
+            err.seek(0)
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+            out.close()
+            err.close()
+    if any(timed_out):
+        tails = "\n".join(f"process {p}: {run.stderr[-2000:]}" for p, run in enumerate(done))
+        pytest.fail(f"launch did not finish within {LAUNCH_TIMEOUT_S} s (processes {timed_out} killed)\n{tails}")
+    return done
 
 
 def train(run_dir: Path, cache: Path, *extra: str, processes: int = 2, env=None) -> list[subprocess.CompletedProcess]:
-    return launch([str(ROOT / "train.py"), *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes, env)
+    hooked = [str(ROOT / "tests" / "train_with_hooks.py"), "--record-example-ids"]
+    return launch([*hooked, *COMMON, f"checkpoint.dir={run_dir}", *extra], cache, processes, env)
 
 
 def assert_ok(runs, code: int = 0):
+    """Every process exited with `code`; else each one's exit code, first error line and output tail."""
+    if all(run.returncode == code for run in runs):
+        return
+    report = []
     for p, run in enumerate(runs):
-        assert run.returncode == code, f"process {p}: {run.stderr[-3000:]}"
+        first = next((line for line in run.stderr.splitlines() if line.startswith("error:")), "")
+        report.append(f"process {p}: exit {run.returncode}; {first}\n{run.stderr[-1500:]}")
+    pytest.fail("\n\n".join(report))
 
 
 def exported_params(run_dir: Path) -> dict:
@@ -148,7 +179,7 @@ def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, ca
     interrupted = tmp_path / "interrupted"
     # A preemption notice reaching process 1 only: the processes agree on a later step (when depends on
     # timing), both save it and exit cleanly.
-    preempted = train(interrupted, cache, *digits, "fault.sigterm_at_step=1", "fault.process=1")
+    preempted = train(interrupted, cache, *digits, "--sigterm-at-step=1", "--hook-process=1")
     assert_ok(preempted)
     saved_steps = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
     stop = saved_steps[-1]
@@ -156,7 +187,7 @@ def test_preempted_and_killed_two_process_run_resumes_bit_identical(tmp_path, ca
     assert f"SIGTERM: saving checkpoint at step {stop} before exiting" in preempted[0].stdout
     saved = json.loads((interrupted / "checkpoints" / str(stop) / "data" / "metadata").read_text())
     assert len(saved["processes"]) == 2
-    killed = train(interrupted, cache, *digits, "--resume", f"fault.kill_at_step={stop + 1}")
+    killed = train(interrupted, cache, *digits, "--resume", f"--kill-at-step={stop + 1}")
     assert_ok(killed, -9)  # both hosts die with no cleanup, one step after the last save
     assert_ok(train(interrupted, cache, *digits, "--resume"))
 
@@ -180,8 +211,8 @@ def test_without_the_preemption_service_a_one_host_sigterm_still_stops_both(tmp_
         cache,
         "synthetic_data=true",
         "steps=6",
-        "fault.sigterm_at_step=2",
-        "fault.process=1",
+        "--sigterm-at-step=2",
+        "--hook-process=1",
         env={"JAX_ENABLE_PREEMPTION_SERVICE": "false"},
     )
     assert_ok(runs)
@@ -213,6 +244,8 @@ np.testing.assert_array_equal(np.concatenate([s.data for s in restored["x"].addr
                               np.arange(8.0)[4 * me: 4 * me + 4])
 checkpointer.close()
 print("ok", me)
+from aki_jax.sharding import finish_distributed
+finish_distributed()
 """
 
 
@@ -237,3 +270,28 @@ def test_each_process_gets_back_its_own_data_state(tmp_path, cache):
     ):
         checkpointer.restore(abstract, 1)
     checkpointer.close()
+
+
+SLOW_HOST = """
+import sys
+import time
+from aki_jax.sharding import finish_distributed, initialize_distributed
+# JAX's shutdown barrier cut to 2 s, so that a host 10 s late is far past it, however loaded the machine.
+initialize_distributed(shutdown_timeout_seconds=2)
+import jax
+if jax.process_index() == 1:
+    time.sleep(10)  # a slow host: the work it still has to do
+if sys.argv[1] == "finish":
+    finish_distributed()
+print("done", jax.process_index(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_process_done_early_waits_for_a_slow_one_before_shutdown(cache, finish):
+    runs = launch(["-c", SLOW_HOST, "finish" if finish else "plain"], cache)
+    if finish:
+        assert_ok(runs)
+        assert [r.stdout.split()[-2:] for r in runs] == [["done", "0"], ["done", "1"]]
+    else:  # JAX's own teardown: process 0 gives up at its shutdown barrier and the job aborts
+        assert runs[0].returncode == -6 and "Shutdown barrier has failed" in runs[0].stderr, runs[0].stderr[-2000:]

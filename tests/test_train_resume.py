@@ -1,7 +1,8 @@
 """Exact resume: runs preempted (SIGTERM) and killed (SIGKILL) between checkpoints, then resumed, end with
 params bit-identical to an uninterrupted run, and every step saw the same examples (none twice, none skipped).
 
-Each run is a real `python train.py` subprocess on the digits data (grain pipeline with a prefetch
+Each run is a real `aki-train` subprocess (through tests/train_with_hooks.py, which adds the example-id
+recorder and the faults as training callbacks) on the digits data (grain pipeline with a prefetch
 thread) on a 2x2x2 mesh of fake CPU devices. The runs share a persistent compilation cache so that
 only the first one compiles.
 """
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+# End to end: several real training processes (about 11 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -33,7 +37,6 @@ COMMON = [
     "logging.progress_bar=false",
     "logging.tensorboard=false",
     "logging.plot=false",
-    "logging.record_example_ids=true",
     "logging.peak_flops_per_device=1e12",
     "eval.max_batches=1",
 ]
@@ -47,8 +50,10 @@ def train(run_dir: Path, cache: Path, *extra: str) -> subprocess.CompletedProces
         JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     )
-    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, f"checkpoint.dir={run_dir}", *extra]
+    hooked = [sys.executable, str(ROOT / "tests" / "train_with_hooks.py"), "--record-example-ids"]
+    cmd = [*hooked, *COMMON, f"checkpoint.dir={run_dir}", *extra]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -74,10 +79,10 @@ def runs(tmp_path_factory):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     interrupted = base / "interrupted"
-    preempted = train(interrupted, cache, "fault.sigterm_at_step=6")
+    preempted = train(interrupted, cache, "--sigterm-at-step=6")
     assert preempted.returncode == 0, preempted.stderr[-3000:]
     after_sigterm = sorted(int(p.name) for p in (interrupted / "checkpoints").iterdir() if p.name.isdigit())
-    killed = train(interrupted, cache, "--resume", "fault.kill_at_step=10")
+    killed = train(interrupted, cache, "--resume", "--kill-at-step=10")
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = train(interrupted, cache, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

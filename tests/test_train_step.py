@@ -18,6 +18,9 @@ from aki_jax.training.state import init_state, state_shardings
 from aki_jax.training.step import make_train_step
 from aki_jax.training.synthetic import SyntheticBatches
 
+# Compiles the train step on several meshes (about 8 min on a loaded 2-core machine).
+pytestmark = pytest.mark.slow
+
 CONFIG = aki_jax.tiny()
 # eps well above fp32 noise in the gradients: Adam's first update is lr * g / (|g| + eps), which for
 # eps -> 0 is sign(g) and turns reduction-order noise in near-zero gradients into full-size differences.

@@ -85,6 +85,9 @@ def _body(argv: list[str]) -> int:
     if jax.process_index() == 0:
         print(metrics.markdown_table(results))
         print(f"results: {Path(output) / 'results.json'}")
+    from aki_jax.sharding import finish_distributed
+
+    finish_distributed("aki-evaluate-finished")  # multi-host: all processes agree before teardown
     return 0
 
 

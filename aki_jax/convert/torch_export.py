@@ -42,7 +42,7 @@ from aki_jax.convert.mapping import (
 )
 from aki_jax.convert.safetensors_io import write_safetensors
 from aki_jax.convert.sources import open_checkpoint
-from aki_jax.convert.torch_import import ORIGINAL_CONFIG_FILE, _replace_dir, make_temp_dir
+from aki_jax.convert.torch_import import ORIGINAL_CONFIG_FILE, _replace_dir, check_destination, make_temp_dir
 
 
 @dataclasses.dataclass
@@ -66,8 +66,7 @@ def export_orbax_to_pytorch(
     src, dst = Path(src), Path(dst)
     if not (src / CONFIG_FILE).is_file() or not (src / PARAMS_DIR).is_dir():
         raise ConversionError(f"{src}: not an aki-jax pretrained folder (needs {CONFIG_FILE} and {PARAMS_DIR}/)")
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    check_destination(dst, overwrite)
     config = AKIConfig.from_json(src / CONFIG_FILE)
     saved = params_metadata(src / PARAMS_DIR)
 
@@ -105,8 +104,7 @@ def export_orbax_to_pytorch(
         for key in head_keys:
             yield key, head[key]
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(dst, "exporting")
+    tmp = make_temp_dir(dst, "exporting", log)
     try:
         written = write_safetensors(tmp / "model.safetensors", specs, tensors(), metadata={"format": "pt"})
         recorded = {}

@@ -4,12 +4,14 @@
                         SourceConfig("vqa", "data/vqa-{0..3}.jsonl", weight=0.5, template="short_answer")),
                seq_len=512, packing=True, batch_size=32)
 
-A source given as a dict (from JSON) is turned into a SourceConfig.
+`DataConfig.from_dict` (JSON, overrides) turns source dicts into SourceConfigs (`aki_jax.serialization`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+from aki_jax import serialization
 
 SOURCE_KINDS = ("digits", "webdataset", "llava", "vqa", "tfds")
 
@@ -50,23 +52,6 @@ class SourceConfig:
             raise ValueError(
                 f"data source {self.name or self.path or self.kind}: weight must be > 0, got {self.weight}"
             )
-
-
-def _sources(value, field: str) -> tuple[SourceConfig, ...]:
-    if isinstance(value, (SourceConfig, dict)):
-        value = [value]
-    out = []
-    for item in value:
-        if isinstance(item, dict):
-            known = {f.name for f in dataclasses.fields(SourceConfig)}
-            unknown = set(item) - known
-            if unknown:
-                raise ValueError(f"DataConfig.{field}: unknown source fields {sorted(unknown)}; known: {sorted(known)}")
-            item = SourceConfig(**item)
-        if not isinstance(item, SourceConfig):
-            raise TypeError(f"DataConfig.{field} entries must be SourceConfig or dict, got {type(item).__name__}")
-        out.append(item)
-    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +101,13 @@ class DataConfig:
     digits_image_size: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "sources", _sources(self.sources, "sources"))
-        object.__setattr__(self, "eval_sources", _sources(self.eval_sources, "eval_sources"))
+        for name in ("sources", "eval_sources"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(s, SourceConfig) for s in value):
+                raise TypeError(
+                    f"DataConfig.{name} must be a tuple of SourceConfig, got {value!r:.80} "
+                    "(dicts from JSON: DataConfig.from_dict)"
+                )
         if not self.sources:
             raise ValueError("DataConfig.sources is empty")
         for name in ("batch_size", "seq_len"):
@@ -130,12 +120,8 @@ class DataConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return serialization.to_dict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> DataConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown DataConfig fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+        return serialization.from_dict(cls, data)

@@ -9,6 +9,13 @@ Unused positions are PAD with segment id 0, weight 0; unused image slots are zer
 Packing is first-fit decreasing over windows of examples (`PackIterDataset`): within a window the
 longest example goes first into the first row with room for its tokens and images. No token is dropped
 or truncated (the pipeline skips examples that could never fit before they get here).
+
+Why not grain's `FirstFitPackIterDataset` (measured by benchmarks/packing.py, grain 0.2.18, 4000 SFT-like
+examples into rows of 512 tokens / 3 images, window = 32 bins, on a loaded 2-core machine): ours fills
+85.2% of the row tokens against 83.0% (2531 rows against 2598: sorting a window before placing it beats
+placing in arrival order) and packs 1.7x the examples per second (803 against 461). grain's also gives
+segment ids and positions per feature (`input_ids_segment_ids`, ...), which would need one more pass into
+this row layout.
 """
 
 from __future__ import annotations

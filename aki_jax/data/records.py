@@ -27,9 +27,7 @@ import numpy as np
 
 from aki_jax.processing.image import ImageError
 from aki_jax.processing.image import open_image as processing_open_image
-
-IMAGE_PLACEHOLDER = "<image>"
-ROLES = ("system", "user", "assistant")
+from aki_jax.processing.tokenizer import IMAGE_TOKEN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +53,7 @@ def caption_example(source, where, images, caption) -> dict:
 
 def question_answer(question: str, answer: str, n_images: int = 1) -> list[dict]:
     """A one-turn chat: the images' placeholders, a newline, the question; then the answer."""
-    prefix = (IMAGE_PLACEHOLDER + "\n") * n_images if IMAGE_PLACEHOLDER not in question else ""
+    prefix = (IMAGE_TOKEN + "\n") * n_images if IMAGE_TOKEN not in question else ""
     return [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
 
 
@@ -69,11 +67,6 @@ def open_image(ref):
         raise ImageError(f"unsupported image reference of type {type(ref).__name__}")
     name = None if isinstance(ref, (str, os.PathLike)) else f"{type(ref).__name__} image"
     return processing_open_image(ref, name=name, keep_mode=True)
-
-
-def decode_image(ref) -> np.ndarray:
-    """ImageRef -> uint8[H, W, 3] (for inspection and tests)."""
-    return np.asarray(open_image(ref).convert("RGB"))
 
 
 def decode_images(example: dict) -> dict | Bad:

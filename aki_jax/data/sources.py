@@ -25,6 +25,7 @@ from aki_jax.data import records
 from aki_jax.data.paths import resolve_files
 from aki_jax.data.records import Bad
 from aki_jax.data.templates import format_question
+from aki_jax.processing.tokenizer import IMAGE_TOKEN
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTENSIONS = ("txt", "json")
@@ -86,12 +87,16 @@ def index_shard(path: str) -> tuple[list[tuple[int, int, int, int, int]], list[t
     """Samples of one tar shard from its headers, without reading member data.
 
     Members are grouped by key: the path up to the first dot of the file name (`a/b.0.jpg` has key `a/b`
-    and extension `0.jpg`, matched on its last part). A sample needs one image and one caption.
+    and extension `0.jpg`, matched on its last part). A sample needs one image and one caption. A key
+    that comes back with an image (or caption) its sample already has starts a second sample under that
+    key (tars concatenated or written twice): both are kept, never one silently dropped; a second one
+    left without its image or caption is counted as `duplicate_key`.
     Returns (samples, skipped): samples as (image offset, image size, text offset, text size, is_json),
     in order of first appearance; skipped as (reason, where, detail) for unsafe members (absolute paths,
     `..`, links), incomplete samples and a damaged shard (whose samples before the damage are kept).
     """
-    samples = {}  # key -> {"image": (offset, size), "text": (offset, size, is_json)}
+    entries = []  # {"key", "repeat", "image": (offset, size), "text": (offset, size, is_json)}
+    by_key = {}  # key -> its entries, in order
     skipped = []
     try:
         with tarfile.open(path, "r:") as tar:
@@ -108,19 +113,32 @@ def index_shard(path: str) -> tuple[list[tuple[int, int, int, int, int]], list[t
                 if "." not in base:
                     continue
                 stem, extension = base.split(".", 1)
-                entry = samples.setdefault(os.path.join(directory, stem), {})
                 kind = extension.lower().rsplit(".", 1)[-1]
-                if kind in IMAGE_EXTENSIONS and "image" not in entry:
+                slot = "image" if kind in IMAGE_EXTENSIONS else "text" if kind in CAPTION_EXTENSIONS else None
+                if slot is None:
+                    continue
+                key = os.path.join(directory, stem)
+                same_key = by_key.setdefault(key, [])
+                entry = next((e for e in same_key if slot not in e), None)  # the first that lacks this member
+                if entry is None:
+                    entry = {"key": key, "repeat": bool(same_key)}
+                    same_key.append(entry)
+                    entries.append(entry)
+                if slot == "image":
                     entry["image"] = (member.offset_data, member.size)
-                elif kind in CAPTION_EXTENSIONS and "text" not in entry:
+                else:
                     entry["text"] = (member.offset_data, member.size, int(kind == "json"))
     except (tarfile.TarError, OSError, EOFError) as e:
         skipped.append(("bad_shard", path, str(e)))
     found = []
-    for key, entry in samples.items():
+    for entry in entries:
         if "image" not in entry or "text" not in entry:
             missing = "image" if "image" not in entry else "caption"
-            skipped.append(("incomplete_sample", f"{path}:{key}", f"no {missing}"))
+            if entry["repeat"]:
+                detail = f"a second {'caption' if missing == 'image' else 'image'} under this key, with no {missing}"
+                skipped.append(("duplicate_key", f"{path}:{entry['key']}", detail))
+            else:
+                skipped.append(("incomplete_sample", f"{path}:{entry['key']}", f"no {missing}"))
             continue
         found.append((*entry["image"], *entry["text"]))
     return found, skipped
@@ -273,22 +291,68 @@ def _check_image_root(image_root: str, name: str) -> None:
         raise FileNotFoundError(f"{name}: image_root {image_root!r} is not a directory")
 
 
+class _UnsafeImagePath(ValueError):
+    """An image path of a record that would leave its `image_root`."""
+
+
 def _image_paths(value, image_root: str) -> list[str]:
+    """The record's image file names joined to `image_root`; each must stay inside it.
+
+    With an `image_root`, absolute names and names whose `..` climb out of it are refused
+    (`_UnsafeImagePath`): a data file must not make training read arbitrary files. Without one, names are
+    taken as written (relative to the working directory, or absolute). The check is on the names only:
+    symbolic links inside the root (a common way to assemble datasets) are followed.
+    """
     if value is None:
         return []
     names = value if isinstance(value, list) else [value]
     if not all(isinstance(n, str) for n in names):
         raise ValueError(f"'image' must be a file name or a list of file names, got {value!r}")
-    return [os.path.join(image_root, n) for n in names]
+    if not image_root:
+        return list(names)
+    root = os.path.normpath(image_root)
+    paths = []
+    for name in names:
+        if os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+            raise _UnsafeImagePath(f"{name!r} is absolute; names must be relative to image_root {image_root!r}")
+        path = os.path.normpath(os.path.join(root, name))
+        if os.path.commonpath([root, path]) != root or path == root:
+            raise _UnsafeImagePath(f"{name!r} resolves outside image_root {image_root!r}")
+        paths.append(os.path.join(image_root, name))
+    return paths
+
+
+def _turn_order_problem(conversation: list[dict]) -> str:
+    """Why the roles of a chat are out of order ("" when fine): an optional system turn first, then
+    user/assistant alternating, starting with user and ending with assistant. (Out of order, an answer
+    could be trained before its question, or a question trained with no answer.)"""
+    roles = [turn["role"] for turn in conversation]
+    offset = int(bool(roles) and roles[0] == "system")  # turn numbers in messages count the system turn
+    roles = roles[offset:]
+    if "system" in roles:
+        return "a system turn after the start (only the first turn may be system)"
+    if not roles:
+        return "no human/gpt turns"
+    for i, role in enumerate(roles):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            speaker = {"user": "human", "assistant": "gpt"}
+            where = f"turn {i + 1 + offset} is {speaker[role]}"
+            return f"{where}, expected {speaker[expected]} (turns must alternate, starting with human)"
+    if roles[-1] != "assistant":
+        return "ends with a human turn that has no gpt answer"
+    return ""
 
 
 class LlavaSource(_JsonRecords):
     """LLaVA instruction data: `{"id", "image" (optional, str or list), "conversations": [{"from", "value"}]}`.
 
-    Image paths are relative to `image_root`. Turns `from` human/gpt (also user/assistant/system) become
-    user/assistant/system. A record with images but no `<image>` in its text gets one placeholder per
-    image in front of its first user turn; a record whose placeholder count differs from its image
-    count is bad.
+    Image paths are relative to `image_root` and must stay inside it. Turns `from` human/gpt (also
+    user/assistant/system) become user/assistant/system. A record with images but no `<image>` in its
+    text gets one placeholder per image in front of its first user turn. Bad records (each counted under
+    its reason): placeholder count differing from the image count (`image_count_mismatch`), turns not
+    alternating human/gpt from human (`bad_turn_order`), an empty gpt turn (`empty_answer`), an image path
+    outside `image_root` (`unsafe_image_path`), missing fields or unknown speakers (`bad_record`).
     """
 
     def __init__(self, pattern: str, image_root: str = "", name: str = ""):
@@ -310,11 +374,21 @@ class LlavaSource(_JsonRecords):
                 if not isinstance(turn["value"], str):
                     raise ValueError("turn value is not a string")
                 conversation.append({"role": role, "content": turn["value"]})
+        except _UnsafeImagePath as e:
+            return Bad("unsafe_image_path", self.name, where, str(e))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             return Bad("bad_record", self.name, where, f"{type(e).__name__}: {e}")
         if not any(turn["role"] == "assistant" for turn in conversation):
             return Bad("bad_record", self.name, where, "no gpt turn")
-        placeholders = sum(turn["content"].count(records.IMAGE_PLACEHOLDER) for turn in conversation)
+        problem = _turn_order_problem(conversation)
+        if problem:
+            return Bad("bad_turn_order", self.name, where, problem)
+        empty = [
+            i + 1 for i, turn in enumerate(conversation) if turn["role"] == "assistant" and not turn["content"].strip()
+        ]
+        if empty:
+            return Bad("empty_answer", self.name, where, f"gpt turn(s) {empty} are empty")
+        placeholders = sum(turn["content"].count(IMAGE_TOKEN) for turn in conversation)
         if images and placeholders == 0:
             first_user = next(i for i, t in enumerate(conversation) if t["role"] == "user")
             turn = conversation[first_user]
@@ -344,6 +418,8 @@ class VqaJsonlSource(_JsonRecords):
             question, answer = format_question(
                 self.template, str(record["question"]), str(record["answer"]), record.get("choices")
             )
+        except _UnsafeImagePath as e:
+            return Bad("unsafe_image_path", self.name, where, str(e))
         except (KeyError, TypeError, AttributeError, ValueError) as e:
             return Bad("bad_record", self.name, where, f"{type(e).__name__}: {e}")
         return records.chat_example(self.name, where, images, records.question_answer(question, answer, len(images)))

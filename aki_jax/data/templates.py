@@ -10,6 +10,11 @@ caption          the caption alone follows the image (pretraining; no chat)
 from __future__ import annotations
 
 TEMPLATES = ("plain", "short_answer", "multiple_choice", "caption")
+# The instruction suffixes of LLaVA-1.5's SFT mix (llava_v1_5_mix665k: VQAv2/GQA use SHORT_ANSWER,
+# ScienceQA/A-OKVQA MULTIPLE_CHOICE), the kind of instruction data AKI was tuned on. Evaluation
+# (aki_jax.evaluation.prompts) asks with the same words on purpose: LLaVA-1.5's own MMBench script
+# (llava/eval/model_vqa_mmbench.py, --single-pred-prompt) and lmms-eval's MMBench post_prompt both use
+# "...from the given choices directly.", so a model is scored on the phrasing it was trained to answer.
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 MULTIPLE_CHOICE = "Answer with the option's letter from the given choices directly."
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"

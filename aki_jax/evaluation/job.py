@@ -80,8 +80,8 @@ def evaluate_checkpoint(
 ) -> dict:
     """Load a pretrained folder onto a mesh and evaluate benchmark files (what `tools/evaluate.py` runs).
 
-    batch_size: rows per model call over all processes (one row per candidate answer in likelihood
-    mode, per question in generation); a multiple of the devices the batch is split over.
+    batch_size: rows per model call over all processes (one row per item: its question with all candidate
+    answers in likelihood mode, its prompt in generation); a multiple of the devices the batch is split over.
     """
     from aki_jax import sharding
     from aki_jax.checkpoint import CONFIG_FILE, load_pretrained

@@ -4,7 +4,7 @@ The text below becomes the user message of the chat template (the processor adds
 roles and `<|assistant|>`); `<image>` marks where the image goes, first, as in the original.
 
   multiple_choice:  <image>\\n{hint}\\n{question}\\nOptions:\\nA. {A}\\nB. {B}\\n...
-                    Answer with the option's letter from the given options directly.
+                    Answer with the option's letter from the given choices directly.
                     (the hint line only when the item has one)
   yes_no:           <image>\\n{question}\\nPlease answer yes or no.
                     (not repeated when the question already asks it, as MME's questions do)
@@ -15,17 +15,19 @@ Items without an image get the same text without the `<image>` line.
 
 from __future__ import annotations
 
+from aki_jax.data import templates
 from aki_jax.evaluation.items import Item
+from aki_jax.processing.tokenizer import IMAGE_TOKEN
 
-IMAGE_PLACEHOLDER = "<image>"
-MC_INSTRUCTION = "Answer with the option's letter from the given options directly."
+# The same words as the training data's templates (why: see aki_jax.data.templates).
+MC_INSTRUCTION = templates.MULTIPLE_CHOICE
+VQA_INSTRUCTION = templates.SHORT_ANSWER
 YES_NO_INSTRUCTION = "Please answer yes or no."
-VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 
 def user_prompt(item: Item) -> str:
     """The user message for `item` (see the module docstring)."""
-    lines = [IMAGE_PLACEHOLDER] if item.image is not None else []
+    lines = [IMAGE_TOKEN] if item.image is not None else []
     if item.task == "multiple_choice":
         if item.hint:
             lines.append(item.hint)

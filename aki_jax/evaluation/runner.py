@@ -10,10 +10,11 @@ Layout under `output_dir/<benchmark name>/`:
   scores.json              `metrics.benchmark_scores` of the merged predictions.
 
 Work split: every process reads the same items and the same finished set, keeps the unfinished ones in
-index order and takes every `process_count`-th (round robin, offset `process_index`). Items expand into
-rows (one per scored candidate answer, or one per generation); rows are cut into steps of
-`scorer.rows_per_step` rows per process. All processes run the same number of steps (the maximum,
-idle processes run padding steps) because each step is one global computation over the mesh.
+index order and takes every `process_count`-th (round robin, offset `process_index`). Each item is one
+row (likelihood scoring puts all candidates of an item into one shared-prefix row; generation has one
+prompt); items are cut into steps of `scorer.rows_per_step` rows per process. All processes run the
+same number of steps (the maximum, idle processes run padding steps) because each step is one global
+computation over the mesh.
 Finished items recorded by any earlier run, with any process count, are skipped.
 """
 
@@ -48,13 +49,11 @@ class Scorer(Protocol):
 
     def settings(self) -> dict: ...
 
-    def item_rows(self, item: Item) -> int: ...
-
     def prepare(self, item: Item) -> Any: ...  # may raise ItemFailed
 
-    def run(self, rows: list[tuple[Any, int]]) -> list[Any]: ...  # [(prepared item, row number)] -> outputs
+    def run(self, prepared: list[Any]) -> list[Any]: ...  # one model output per prepared item (its row)
 
-    def finish(self, item: Item, outputs: list[Any]) -> dict: ...  # {"prediction": ..., ...}
+    def finish(self, item: Item, output: Any) -> dict: ...  # {"prediction": ..., ...}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +150,10 @@ def _check_settings(path: Path, settings: dict, dist: Distribution) -> None:
         path.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
 
-def plan_steps(items: list[Item], scorer: Scorer) -> list[list[tuple[Item, int]]]:
-    """Rows of `items` in order, cut into steps of at most `scorer.rows_per_step` rows."""
-    rows = [(item, r) for item in items for r in range(scorer.item_rows(item))]
+def plan_steps(items: list[Item], scorer: Scorer) -> list[list[Item]]:
+    """`items` in order (one row each), cut into steps of at most `scorer.rows_per_step` rows."""
     size = scorer.rows_per_step
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def run_predictions(
@@ -186,30 +184,19 @@ def run_predictions(
         )
     writer = ShardWriter(out / "shards" / f"process-{dist.process_index:05d}.jsonl")
     bar = _progress(len(mine), benchmark.name, enabled=progress and dist.process_index == 0)
-    prepared, failed, outputs = {}, {}, {}
     finished = 0
     try:
         for step in range(step_count):
-            rows = steps[step] if step < len(steps) else []
-            records, runnable = [], []
-            for item, r in rows:
-                key = _index_key(item.index)
-                if key not in prepared and key not in failed:
-                    try:
-                        prepared[key] = scorer.prepare(item)
-                    except ItemFailed as e:
-                        failed[key] = str(e)
-                        record = {"index": item.index, "prediction": None, "error": str(e)}
-                        records.append((item, record | ({"unreadable": True} if isinstance(e, ItemUnreadable) else {})))
-                if key in prepared:
-                    runnable.append((item, r))
-            results = scorer.run([(prepared[_index_key(item.index)], r) for item, r in runnable])
-            for (item, r), result in zip(runnable, results, strict=True):
-                key = _index_key(item.index)
-                outputs.setdefault(key, []).append(result)
-                if r == scorer.item_rows(item) - 1:
-                    records.append((item, {"index": item.index, **scorer.finish(item, outputs.pop(key))}))
-                    del prepared[key]
+            records, runnable, prepared = [], [], []
+            for item in steps[step] if step < len(steps) else []:
+                try:
+                    prepared.append(scorer.prepare(item))
+                    runnable.append(item)
+                except ItemFailed as e:
+                    record = {"index": item.index, "prediction": None, "error": str(e)}
+                    records.append((item, record | ({"unreadable": True} if isinstance(e, ItemUnreadable) else {})))
+            for item, output in zip(runnable, scorer.run(prepared), strict=True):
+                records.append((item, {"index": item.index, **scorer.finish(item, output)}))
             for _, record in sorted(records, key=lambda pair: index_sort_key(pair[0].index)):
                 writer.write(record)
             finished += len(records)

@@ -253,7 +253,7 @@ class ModelRunner:
 
     def generate(self, examples: list[dict]) -> list[list[int]]:
         """Greedy continuation token ids of each prompt example, cut before the first stop token."""
-        from aki_jax.generation import generate
+        from aki_jax.generation import Sampling, generate
 
         batch = self._pad(examples, "left")
         placed = self._place({k: batch[k] for k in ("pixel_values", "input_ids", "modality_ids")})
@@ -268,8 +268,7 @@ class ModelRunner:
                 placed["input_ids"],
                 placed["modality_ids"],
                 max_new_tokens=self.max_new_tokens,
-                eos_ids=stops,
-                pad_id=tokenizer.pad_token_id,
+                sampling=Sampling(eos_ids=stops, pad_id=tokenizer.pad_token_id),
             )
         new_ids = local_rows(new_ids)[: len(examples)]
         out = []
@@ -281,10 +280,10 @@ class ModelRunner:
 
 @dataclasses.dataclass
 class Prepared:
-    """An item ready to run: its preprocessed image and the examples of its rows."""
+    """An item ready to run: the example of its one row."""
 
     item: Item
-    examples: list[dict]  # one: a `shared_prefix_row` (likelihood) or a prompt example (generation)
+    example: dict  # a `shared_prefix_row` of all candidates (likelihood) or a prompt example (generation)
     labels: list[str]  # candidate labels (likelihood); empty for generation
 
 
@@ -321,9 +320,6 @@ class EvaluationScorer:
     def _uses_likelihood(self, item: Item) -> bool:
         return self.mode == "likelihood" and item.task != "vqa"
 
-    def item_rows(self, item: Item) -> int:
-        return 1  # likelihood: all candidates in one shared-prefix row
-
     def prepare(self, item: Item) -> Prepared:
         processor = self.runner.processor
         pixel_values = None
@@ -345,34 +341,34 @@ class EvaluationScorer:
                     processor.sft_example([user, {"role": "assistant", "content": text}], pixel_values=pixel_values)
                     for _, text in pairs
                 ]
-                return Prepared(item, [shared_prefix_row(examples)], [label for label, _ in pairs])
-            return Prepared(item, [processor.prompt_example([user], pixel_values=pixel_values)], [])
+                return Prepared(item, shared_prefix_row(examples), [label for label, _ in pairs])
+            return Prepared(item, processor.prompt_example([user], pixel_values=pixel_values), [])
         except ValueError as e:
             raise ItemFailed(f"prompt could not be encoded: {e}") from None
 
-    def run(self, rows: list[tuple[Prepared, int]]) -> list[Any]:
+    def run(self, prepared: list[Prepared]) -> list[Any]:
         """One model call per kind of row present on any process (likelihood rows, generation rows)."""
-        scored = [(p, r) for p, r in rows if p.labels]
-        generated = [(p, r) for p, r in rows if not p.labels]
-        results: dict[tuple[int, int], Any] = {}
+        scored = [p for p in prepared if p.labels]
+        generated = [p for p in prepared if not p.labels]
+        results: dict[int, Any] = {}
         agree = self.runner.dist.max  # every process must make the same model calls (SPMD), even with no rows
         if agree(int(bool(scored))):
-            values = self.runner.log_likelihoods([p.examples[r] for p, r in scored])
-            for (p, r), v in zip(scored, values, strict=True):
-                results[id(p), r] = [float(x) for x in v]
+            values = self.runner.log_likelihoods([p.example for p in scored])
+            for p, v in zip(scored, values, strict=True):
+                results[id(p)] = [float(x) for x in v]
         if agree(int(bool(generated))):
-            texts = self.runner.generate([p.examples[0] for p, _ in generated])
-            for (p, r), ids in zip(generated, texts, strict=True):
-                results[id(p), r] = ids
-        return [results[id(p), r] for p, r in rows]
+            texts = self.runner.generate([p.example for p in generated])
+            for p, ids in zip(generated, texts, strict=True):
+                results[id(p)] = ids
+        return [results[id(p)] for p in prepared]
 
-    def finish(self, item: Item, outputs: list[Any]) -> dict:
+    def finish(self, item: Item, output: Any) -> dict:
         if self._uses_likelihood(item):
             labels = [label for label, _ in prompts.candidate_answers(item, self.continuation)]
-            scores = dict(zip(labels, outputs[0], strict=True))
+            scores = dict(zip(labels, output, strict=True))
             best = max(labels, key=lambda label: (scores[label], -labels.index(label)))
             return {"prediction": best, "log_likelihoods": scores}
-        text = self.runner.processor.tokenizer.decode(outputs[0])
+        text = self.runner.processor.tokenizer.decode(output)
         if item.task == "multiple_choice":
             prediction = answers.extract_choice(text, item.options)
         elif item.task == "yes_no":

@@ -24,7 +24,7 @@ import numpy as np
 from aki_jax.mask import IMAGE, PAD, QUERY, TEXT
 from aki_jax.processing.image import ImageLike, preprocess_images
 from aki_jax.processing.template import SYSTEM_MESSAGE, Segment, render_caption, render_chat
-from aki_jax.processing.tokenizer import Tokenizer
+from aki_jax.processing.tokenizer import IMAGE_TOKEN, Tokenizer
 
 TRUNCATION = ("error", "right")
 PADDING_SIDES = ("left", "right")
@@ -71,7 +71,7 @@ class Processor:
         """
         if isinstance(prompt, str):
             count = len(images) if pixel_values is None else len(pixel_values)
-            if "<image>" not in prompt:
+            if IMAGE_TOKEN not in prompt:
                 prompt = "<image>\n" * count + prompt
             prompt = [{"role": "user", "content": prompt}]
         segments = render_chat(prompt, add_generation_prompt=True, system_message=self.system_message)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+from aki_jax.processing.tokenizer import END_OF_CHUNK_TOKEN, IMAGE_TOKEN
+
 SYSTEM_MESSAGE = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -84,8 +86,4 @@ def render_chat(
 
 def render_caption(caption: str, num_images: int = 1, eos_token: str = "<|endoftext|>") -> list[Segment]:
     """`<image>{caption}<|endofchunk|>` + eos; caption, end-of-chunk and eos supervised."""
-    return [Segment("<image>" * num_images), Segment(caption + "<|endofchunk|>" + eos_token, supervised=True)]
-
-
-def segments_text(segments: Sequence[Segment]) -> str:
-    return "".join(s.text for s in segments)
+    return [Segment(IMAGE_TOKEN * num_images), Segment(caption + END_OF_CHUNK_TOKEN + eos_token, supervised=True)]

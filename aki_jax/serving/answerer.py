@@ -60,15 +60,18 @@ class AskSettings:
         if problems:
             raise RequestError("; ".join(problems))
 
-    def generation_kwargs(self) -> dict:
-        """The keyword arguments of `generate_text` these settings stand for."""
-        return {
-            "max_new_tokens": int(self.max_new_tokens),
-            "temperature": float(self.temperature),
-            "top_k": int(self.top_k) or None,
-            "top_p": float(self.top_p),
-            "seed": int(self.seed),
-        }
+    def generation_kwargs(self, eos_ids: tuple[int, ...] | None = None) -> dict:
+        """The keyword arguments of `generate_text` these settings stand for (eos_ids None: the tokenizer's)."""
+        from aki_jax.generation import Sampling
+
+        sampling = Sampling(
+            temperature=float(self.temperature),
+            top_k=int(self.top_k) or None,
+            top_p=float(self.top_p),
+            seed=int(self.seed),
+            eos_ids=eos_ids,
+        )
+        return {"max_new_tokens": int(self.max_new_tokens), "sampling": sampling}
 
 
 class _Cancelled(Exception):
@@ -137,8 +140,8 @@ class Answerer:
                     [blank],
                     on_text=stop_after_two,
                     pad_to_multiple=PROMPT_BUCKET,
-                    eos_ids=(),  # traced (padded to 8 ids): the program is the one real requests use
-                    **settings.generation_kwargs(),
+                    # no stop ids (traced, padded to 8 ids): the program is the one real requests use
+                    **settings.generation_kwargs(eos_ids=()),
                 )
         except _Cancelled:
             pass

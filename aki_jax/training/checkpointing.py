@@ -8,6 +8,10 @@ Layout: `<dir>/checkpoints/<step>/{state, data}`:
 Saves are asynchronous (training continues while arrays are written) and atomic: Orbax writes into a
 temporary directory and renames it when complete, so a save interrupted by a crash or SIGKILL leaves the
 previous checkpoint intact and is ignored on restore.
+
+A checkpoint damaged later (a truncated or deleted file, a disk error) is skipped by `resume`: it falls
+back to the newest one that restores, says which were skipped and why, and moves them aside to
+`<dir>/damaged_checkpoints/` (so the resumed run can save those steps again).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
@@ -22,6 +28,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
+DAMAGED_DIR = "damaged_checkpoints"
+
+
+class DamagedCheckpointError(ValueError):
+    """No checkpoint of a run can be restored."""
 
 
 class Checkpointer:
@@ -86,11 +97,80 @@ class Checkpointer:
         )
         return restored["state"], decode(own_process_state(restored["data"], self.directory / str(step) / "data"))
 
+    def resume(self, abstract_state, resume: bool):
+        """Where a run starts: (state, data iterator state, step) of the newest restorable checkpoint, or None.
+
+        resume=False with checkpoints present is refused (a new run would mix with the old one's saves);
+        resume=True with none says so and returns None (the run starts from step 0: the same command
+        can be used for the first start and for every restart of a preemptible job).
+        """
+        latest = self.manager.latest_step()
+        if latest is not None and not resume:
+            raise FileExistsError(
+                f"{self.directory} already holds checkpoints (latest step {latest}); pass --resume to continue "
+                f"or choose another checkpoint.dir"
+            )
+        if not resume:
+            return None
+        if latest is None:
+            log.warning("--resume: no checkpoint in %s, so this run starts from step 0", self.directory)
+            return None
+        return self.restore_newest(abstract_state)
+
+    def restore_newest(self, abstract_state):
+        """(state, data iterator state, step) of the newest checkpoint that restores on every process.
+
+        Damaged ones are logged with the reason, moved aside to `<dir>/damaged_checkpoints/` and skipped;
+        DamagedCheckpointError (naming the folder and each reason) when none restores.
+        """
+        skipped = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, data_state = self.restore(abstract_state, step)
+                error = ""
+            except Exception as e:  # Orbax / TensorStore raise many types for missing or damaged files
+                error = _first_line(e)
+            errors = gather_from_processes(error)  # every process must restore the same step
+            if not any(errors):
+                break
+            reason = next(e for e in errors if e)
+            skipped.append((step, reason))
+            log.warning("checkpoint %d in %s cannot be restored, skipping it: %s", step, self.directory, reason)
+        else:
+            if not skipped:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.directory}")
+            reasons = "; ".join(f"step {s}: {r}" for s, r in skipped)
+            raise DamagedCheckpointError(
+                f"{self.directory}: no checkpoint can be restored ({reasons}); start a new run in another "
+                f"checkpoint.dir (or --init-from an exported model)"
+            )
+        if skipped:
+            self._set_aside([s for s, _ in skipped])
+            log.warning("resuming from checkpoint %d (skipped damaged: %s)", step, [s for s, _ in skipped])
+        return state, data_state, step
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged step folders out of Orbax's sight (kept for inspection); then every process reloads."""
+        if jax.process_index() == 0:
+            aside = self.directory.parent / DAMAGED_DIR
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+                shutil.move(str(self.directory / str(step)), target)
+                log.warning("moved damaged checkpoint %d to %s", step, target)
+        gather_from_processes(0)  # a barrier: no process reloads before the move
+        self.manager.reload()
+
     def wait(self):
         self.manager.wait_until_finished()
 
     def close(self):
         self.manager.close()
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -5,12 +5,14 @@ overridden from the command line with its dotted path (`optim.lr=3e-4`, `model.d
 `mesh.fsdp=-1`); values are parsed as JSON when they parse (numbers, true/false, null, lists, dicts)
 and taken as strings otherwise. A few short aliases exist for common knobs (`ALIASES`), notably
 `attention=causal` for the paper's ablation. `model=<preset>` swaps in a named preset ("tiny", "aki-4b").
+An override edits the config's dict form; the result is built once by `aki_jax.serialization.from_dict`,
+so type errors name the dotted path and cross-field checks see all overrides together.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import difflib
 import importlib.util
 import json
 import types
@@ -18,6 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from aki_jax import serialization
 from aki_jax.config import AKIConfig, preset
 from aki_jax.data.config import DataConfig
 from aki_jax.sharding import MeshConfig
@@ -90,7 +93,6 @@ class LogConfig:
     tensorboard: bool = True
     plot: bool = True
     peak_flops_per_device: float = 0.0
-    record_example_ids: bool = False  # each step's example ids to dir/example_ids*.jsonl, one per process (tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,17 +109,6 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class FaultConfig:
-    """Testing hooks, after the given step: `kill_at_step` SIGKILLs this process (no cleanup at all);
-    `sigterm_at_step` sends it SIGTERM (as a preemption notice would). `process` >= 0 limits both to that
-    process of a multi-process run (a preemption notice reaching one host only)."""
-
-    kill_at_step: int = 0
-    sigterm_at_step: int = 0
-    process: int = -1
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs; `model` is an AKIConfig (config files call a preset: `aki_4b()`, `tiny()`)."""
 
@@ -128,7 +119,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
-    fault: FaultConfig = FaultConfig()
     seed: int = 0  # parameter init and the train RNG (data shuffling has its own data.seed)
     tokenizer: str | None = None  # tokenizer folder; None: for digits-only data, build the digits tokenizer
     synthetic_data: bool = False  # deterministic random batches with example ids instead of `data` (tests)
@@ -136,35 +126,18 @@ class TrainConfig:
     resume: bool = False  # continue from the latest checkpoint in checkpoint.dir
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return serialization.to_dict(self)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        Path(path).write_text(serialization.to_json(self, sort_keys=True))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        return _from_dict(cls, data, "TrainConfig")
+        return serialization.from_dict(cls, data)
 
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-def _from_dict(klass, data: dict, where: str):
-    if klass is AKIConfig:
-        return AKIConfig.from_dict(data)
-    fields = {f.name: f for f in dataclasses.fields(klass)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{where}: unknown fields {sorted(unknown)}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(klass)
-    values = {}
-    for name, value in data.items():
-        sub = hints[name]
-        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
-            value = _from_dict(sub, value, f"{where}.{name}")
-        values[name] = value
-    return klass(**values)
+        return serialization.from_json(cls, path)
 
 
 def load_config_file(path: str | Path) -> TrainConfig:
@@ -198,42 +171,44 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
     """
     if not overrides:
         return config
+    tree = config.to_dict()
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise ValueError(f"override {item!r} is not key=value (e.g. optim.lr=3e-4)")
         key, text = item.split("=", 1)
         key = ALIASES.get(key.strip(), key.strip())
-        config = set_path(config, key.split("."), parse_value(text), key)
-    return TrainConfig.from_dict(config.to_dict())
+        set_path(tree, TrainConfig, key.split("."), parse_value(text), key)
+    return TrainConfig.from_dict(tree)
 
 
-def set_path(node, path: list[str], value, full: str):
-    """A copy of dataclass `node` with the field at `path` set to `value` (type-checked and coerced)."""
-    if not dataclasses.is_dataclass(node):
-        if isinstance(node, dict):  # free-form dicts (data.options, mesh.rules) take any key
-            if len(path) == 1:
-                return {**node, path[0]: value}
-            return {**node, path[0]: set_path(node.get(path[0], {}), path[1:], value, full)}
-        raise ValueError(f"override {full}: {type(node).__name__} has no field {path[0]!r}")
-    names = [f.name for f in dataclasses.fields(node)]
+def set_path(tree: dict, hint, path: list[str], value, full: str) -> None:
+    """Set `value` at `path` in `tree`, the dict form of the dataclass type `hint` (checked and coerced)."""
     name = path[0]
-    if name not in names:
-        raise ValueError(f"override {full}: unknown field {name!r}; valid here: {names}")
-    current = getattr(node, name)
-    if len(path) > 1:
-        new = set_path(current, path[1:], value, full)
-    elif isinstance(node, TrainConfig) and name == "model" and isinstance(value, str):
-        new = preset(value)
+    if dataclasses.is_dataclass(hint):
+        types_ = serialization.field_types(hint)
+        if name not in types_:
+            close = difflib.get_close_matches(name, list(types_), n=1)
+            suggestion = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"override {full}: unknown field {name!r}; {suggestion}valid here: {', '.join(types_)}")
+        sub = types_[name]
+    elif isinstance(tree, dict) and _allowed_types(hint) & {dict}:  # free-form dicts (mesh.rules) take any key
+        sub = Any
     else:
-        new = _coerce(current, value, typing.get_type_hints(type(node))[name], full)
-    return _replace_unchecked(node, name, new)
+        raise ValueError(f"override {full}: {_hint_name(hint)} has no field {name!r}")
+    if len(path) > 1:
+        if not isinstance(tree.get(name), dict):
+            if not (sub is Any or _allowed_types(sub) & {dict}):
+                raise ValueError(f"override {full}: {name!r} is not a group of fields")
+            tree[name] = {}
+        set_path(tree[name], sub, path[1:], value, full)
+    elif hint is TrainConfig and name == "model" and isinstance(value, str):
+        tree[name] = preset(value).to_dict()
+    else:
+        tree[name] = value if sub is Any else _coerce(tree.get(name), value, sub, full)
 
 
-def _replace_unchecked(node, name: str, value):
-    """A copy of a frozen dataclass with one field changed, validation deferred to `apply_overrides`."""
-    out = copy.copy(node)
-    object.__setattr__(out, name, value)
-    return out
+def _hint_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def _coerce(current, value, hint, full: str):
@@ -254,9 +229,17 @@ def _coerce(current, value, hint, full: str):
         return str(value) if not isinstance(value, dict | list) else json.dumps(value)
     if tuple in allowed and isinstance(value, list):
         return tuple(value)
-    if dict in allowed and isinstance(value, dict):
-        return value
-    raise ValueError(f"override {full}: {value!r} is not a valid {hint}")
+    if isinstance(value, dict) and (dict in allowed or any(dataclasses.is_dataclass(t) for t in allowed)):
+        return value  # a dataclass's fields as a dict: built (and checked) by from_dict
+    raise ValueError(f"override {full}: {value!r} is not a valid value (expected {_describe(allowed)})")
+
+
+def _describe(allowed: set) -> str:
+    """'a number', 'true or false', ... for an override's error message."""
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a JSON list",
+             dict: "a JSON object", type(None): "null"}  # fmt: skip
+    named = [words.get(t, getattr(t, "__name__", str(t))) for t in sorted(allowed, key=lambda t: t.__name__)]
+    return " or ".join(named) if named else "something else"
 
 
 def _allowed_types(hint) -> set:

@@ -46,6 +46,15 @@ def pipeline_data(config) -> DataBundle:
     d = config.data
     out_dir = Path(config.checkpoint.dir)
     tokenizer_dir = config.tokenizer or config.init_from  # a pretrained folder carries its tokenizer
+    if config.init_from and not config.tokenizer:
+        from aki_jax.checkpoint import check_pretrained_folder
+
+        check_pretrained_folder(config.init_from, "--init-from")  # else the tokenizer's error would be the first
+        if not any((Path(config.init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+            raise FileNotFoundError(
+                f"--init-from {config.init_from}: the folder holds no tokenizer (tokenizer.json or tokenizer.model); "
+                f"pass tokenizer=/path/to/tokenizer/folder"
+            )
     if tokenizer_dir:
         tokenizer = load_tokenizer(tokenizer_dir)
     elif all(s.kind == "digits" for s in d.sources + d.eval_sources):

@@ -1,19 +1,20 @@
 """The training program: build everything from a `TrainConfig`, run steps, evaluate, checkpoint, export.
 
-`train(config)` is what `python train.py` calls. It runs unchanged from one CPU to a multi-host pod: the
-mesh comes from `config.mesh`, each process feeds its own rows (`make_global_batch`), and every array
-is created directly in its sharded layout.
+`train(config)` is what `aki-train` / `python train.py` calls. It runs unchanged from one CPU to a multi-host
+pod: the mesh comes from `config.mesh`, each process feeds its own rows (`make_global_batch`), and every
+array is created directly in its sharded layout. `train(config, callbacks=[...])` calls each callback with a
+`StepEnd` after every step (after its checkpoint, before the preemption check); the tests record example ids
+and inject faults this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -31,6 +32,23 @@ from aki_jax.training.state import count_params, init_state, split_trainable, st
 from aki_jax.training.step import eval_step, make_train_step
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEnd:
+    """What a `train` callback is given after each step.
+
+    batch: this process's numpy rows of the step (input_ids int32[b, L], ...; b = rows per process).
+    example_ids: the rows' example ids when the data carries them (synthetic data), else None.
+    """
+
+    step: int
+    batch: dict
+    example_ids: np.ndarray | None
+    out_dir: Path
+
+
+Callback = Callable[[StepEnd], None]
 
 
 class _Preemption:
@@ -72,8 +90,48 @@ class _Preemption:
         return bool(np.asarray(flags).any())
 
 
-def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
+def train(config: TrainConfig, data: DataBundle | None = None, callbacks: Sequence[Callback] = ()) -> dict:
     """Run the configured job; returns the summary dict (also printed and written to summary.json)."""
+    job = build(config, data)
+    outcome = run(job, callbacks)
+    return finish(job, outcome)
+
+
+@dataclasses.dataclass
+class Job:
+    """Everything `build` makes for `run` and `finish`: resolved config, mesh, state, step function, IO."""
+
+    config: TrainConfig
+    out_dir: Path
+    data: DataBundle
+    mesh: object
+    rules: tuple
+    abstract: dict  # the abstract train state (shapes only)
+    state: dict
+    start_step: int
+    step_fn: Callable
+    first_batch: dict  # taken from data.train to size the step; the first step uses it
+    checkpointer: Checkpointer
+    reporter: Reporter
+    step_flops: float
+    peak_flops: float | None
+    n_trainable: int
+    export: bool  # write the pretrained folder at the end (decided before any process could write it)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What `run` leaves for `finish`."""
+
+    state: dict
+    step: int
+    history: list  # the logged train metrics records
+    eval_result: dict | None
+    timer: dict
+
+
+def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
+    """Resolve the config, make the mesh, the data, the (restored or initial) state and the step function."""
     sharding.initialize_distributed()
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
     config = dataclasses.replace(
@@ -108,88 +166,107 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
 
     total = config.optim.total_steps
     first = next(data.train)
-    data_pending = [first]
     batch_shardings = {
         k: sharding.batch_sharding(mesh, rules, np.ndim(v)) for k, v in first.items() if k != "example_ids"
     }
     step_fn = make_train_step(model_config, optimizer, schedule, config.optim.grad_accum, shardings, batch_shardings)
     rows, length = config.data.batch_size, first["input_ids"].shape[1]
     images = first["pixel_values"].shape[1] if "pixel_values" in first else 0
-    step_flops = flops_lib.train_step_flops(model_config, rows, length, images)
-    peak = _peak_flops(config)
     n_trainable = count_params(split_trainable(abstract["params"], model_config)[0])
     reporter = Reporter(out_dir, total, start_step, config.logging.progress_bar, config.logging.tensorboard)
     reporter.write(
         f"AKI {count_params(abstract['params']) / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trained), "
         f"mesh {dict(mesh.shape)}, batch {rows}x{length}, steps {start_step}->{total}, data: {data.description}"
     )
-    ids_file = (out_dir / example_ids_file()).open("a") if config.logging.record_example_ids else None
-    # Decided before any process could export, so that all processes agree (the export is collective).
-    export = config.checkpoint.export_pretrained and not (out_dir / PRETRAINED_SUBDIR / "params").exists()
+    return Job(
+        config=config,
+        out_dir=out_dir,
+        data=data,
+        mesh=mesh,
+        rules=rules,
+        abstract=abstract,
+        state=state,
+        start_step=start_step,
+        step_fn=step_fn,
+        first_batch=first,
+        checkpointer=checkpointer,
+        reporter=reporter,
+        step_flops=flops_lib.train_step_flops(model_config, rows, length, images),
+        peak_flops=_peak_flops(config),
+        n_trainable=n_trainable,
+        # Decided before any process could export, so that all processes agree (the export is collective).
+        export=config.checkpoint.export_pretrained and not (out_dir / PRETRAINED_SUBDIR / "params").exists(),
+    )
 
+
+def run(job: Job, callbacks: Sequence[Callback] = ()) -> Outcome:
+    """Train from `job.start_step` to the end (or a preemption): log, evaluate, checkpoint, call back."""
+    config, data, mesh, rules = job.config, job.data, job.mesh, job.rules
+    checkpointer, reporter = job.checkpointer, job.reporter
+    total = config.optim.total_steps
+    tokens_per_step = config.data.batch_size * job.first_batch["input_ids"].shape[1]
+    data_pending = [job.first_batch]
     timer = {"start": time.perf_counter(), "steps": 0, "compile_s": None}
     history = []
     eval_result = None
-    step = start_step
+    state, step = job.state, job.start_step
     with _Preemption() as preemption, sharding.activation_context(mesh, rules):
         while step < total:
             batch = data_pending.pop() if data_pending else next(data.train)
             example_ids = batch.pop("example_ids", None)
             global_batch = sharding.make_global_batch(batch, mesh, rules)
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, global_batch)
+            state, metrics = job.step_fn(state, global_batch)
             step += 1
             if timer["compile_s"] is None:
                 jax.block_until_ready(metrics)
                 timer.update(compile_s=time.perf_counter() - t0, start=time.perf_counter(), steps=0)
             else:
                 timer["steps"] += 1
-            if ids_file is not None:
-                if example_ids is None:
-                    example_ids = row_fingerprints(batch)
-                ids_file.write(json.dumps({"step": step, "ids": example_ids.tolist()}) + "\n")
-                ids_file.flush()
             if step % config.logging.every_steps == 0 or step == total:
-                record = _metrics_record(metrics, timer, step_flops, rows * length, peak)
+                record = _metrics_record(metrics, timer, job.step_flops, tokens_per_step, job.peak_flops)
                 history.append(record)
                 reporter.log(step, record)
             reporter.advance()
             evaluated = None  # a checkpoint carries the accuracy of its own step, never an older one
             eval_due = config.eval.every_steps and step % config.eval.every_steps == 0
             if step < total and (eval_due or (config.checkpoint.keep_best and checkpointer.due(step))):
-                evaluated = eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+                evaluated = eval_result = evaluate(state["params"], data, config.model, mesh, rules)
                 reporter.log(step, eval_result, split="eval")
             if step < total:  # the last step is saved after the final evaluation, with its accuracy
                 checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(evaluated))
-            fault = config.fault if config.fault.process in (-1, jax.process_index()) else None
-            if fault and fault.kill_at_step and step == fault.kill_at_step:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook: die with no cleanup at all
-            if fault and fault.sigterm_at_step and step == fault.sigterm_at_step:
-                os.kill(os.getpid(), signal.SIGTERM)  # test hook: a preemption notice
+            for callback in callbacks:
+                callback(StepEnd(step, batch, example_ids, job.out_dir))
             if step < total and preemption.should_stop(step):
                 reporter.write(f"SIGTERM: saving checkpoint at step {step} before exiting")
                 checkpointer.maybe_save(step, state, data.train.get_state(), force=True)
                 break
         else:
-            eval_result = evaluate(state["params"], data, model_config, mesh, rules)
+            eval_result = evaluate(state["params"], data, config.model, mesh, rules)
             reporter.log(step, eval_result, split="eval")
             checkpointer.maybe_save(step, state, data.train.get_state(), metrics=_ckpt_metrics(eval_result), force=True)
+    return Outcome(state, step, history, eval_result, timer)
+
+
+def finish(job: Job, outcome: Outcome) -> dict:
+    """Wait for the checkpoints, close everything, export and plot a finished run, write the summary."""
+    config, out_dir, checkpointer = job.config, job.out_dir, job.checkpointer
     checkpointer.wait()
     best_step = checkpointer.best_step()
     checkpointer.close()
-    data.close()
-    reporter.close()
-    if ids_file is not None:
-        ids_file.close()
+    job.data.close()
+    job.reporter.close()
 
-    summary = _summary(config, step, total, history, eval_result, timer, n_trainable, abstract)
+    total, step = config.optim.total_steps, outcome.step
+    summary = _summary(
+        config, step, total, outcome.history, outcome.eval_result, outcome.timer, job.n_trainable, job.abstract
+    )
     if best_step is not None:
         summary["best_checkpoint_step"] = best_step
     if step == total:
-        if export:
-            summary["pretrained_dir"] = str(
-                _export(out_dir.absolute() / PRETRAINED_SUBDIR, model_config, state["params"], data)
-            )
+        if job.export:
+            model_dir = out_dir.absolute() / PRETRAINED_SUBDIR
+            summary["pretrained_dir"] = str(_export(model_dir, config.model, outcome.state["params"], job.data))
         if config.logging.plot and jax.process_index() == 0:
             summary["plot"] = str(plot_metrics(out_dir / "metrics.jsonl", out_dir / "training.png"))
     if jax.process_index() == 0:
@@ -200,17 +277,12 @@ def train(config: TrainConfig, data: DataBundle | None = None) -> dict:
 
 def _initial_state(config: TrainConfig, optimizer, abstract, shardings, checkpointer: Checkpointer, data):
     """(state, first step): restored from the latest checkpoint, or initialised (randomly / from --init-from)."""
-    latest = checkpointer.latest_step()
-    if config.resume and latest is not None:
-        state, data_state = checkpointer.restore(abstract_with_shardings(abstract, shardings), latest)
+    resumed = checkpointer.resume(abstract_with_shardings(abstract, shardings), config.resume)
+    if resumed is not None:
+        state, data_state, step = resumed
         data.train.set_state(data_state)
-        log.info("resumed from step %d", latest)
-        return state, int(latest)
-    if latest is not None and not config.resume:
-        raise FileExistsError(
-            f"{checkpointer.directory} already holds checkpoints (latest step {latest}); pass --resume to continue "
-            f"or choose another checkpoint.dir"
-        )
+        log.info("resumed from step %d", step)
+        return state, int(step)
     model_config = config.model
     if config.init_from:
         params = load_params(config.init_from, model_config, shardings["params"])
@@ -228,7 +300,18 @@ def load_params(directory: str, model_config, param_shardings):
     expected = jax.tree.map(lambda s: s.shape, param_shardings_shapes(model_config))
     got = jax.tree.map(lambda x: x.shape, params)
     if expected != got:
-        raise ValueError(f"--init-from {directory}: its parameter shapes do not match the configured model")
+        flat_expected = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+        flat_got = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(got)}
+        differ = [
+            f"{k}: {flat_got.get(k, 'missing')} saved, {flat_expected.get(k, 'absent')} configured"
+            for k in sorted(flat_expected.keys() | flat_got.keys())
+            if flat_expected.get(k) != flat_got.get(k)
+        ]
+        raise ValueError(
+            f"--init-from {directory}: its parameter shapes do not match the configured model "
+            f"({len(differ)} differ, e.g. {'; '.join(differ[:3])}); use the folder's own model settings "
+            f"(its aki_config.json)"
+        )
     return jax.tree.map(lambda x, s: jax.device_put(x, s), params, param_shardings)
 
 
@@ -272,24 +355,6 @@ def _eval_fn(model_config, mesh):
 
         _EVAL_FNS[key] = jax.jit(totals, out_shardings=NamedSharding(mesh, PartitionSpec()))
     return _EVAL_FNS[key]
-
-
-def example_ids_file() -> str:
-    """Where this process records the example ids of its rows (one file per process when several)."""
-    if jax.process_count() == 1:
-        return "example_ids.jsonl"
-    return f"example_ids.process{jax.process_index()}-of-{jax.process_count()}.jsonl"
-
-
-def row_fingerprints(batch: dict) -> np.ndarray:
-    """A short hash per row of a batch without example ids (identifies examples in resume checks)."""
-    out = []
-    for i in range(batch["input_ids"].shape[0]):
-        digest = hashlib.sha1(np.ascontiguousarray(batch["input_ids"][i]).tobytes())
-        if "pixel_values" in batch:
-            digest.update(np.ascontiguousarray(batch["pixel_values"][i]).tobytes())
-        out.append(digest.hexdigest()[:16])
-    return np.asarray(out)
 
 
 def _metrics_record(metrics, timer, step_flops, tokens_per_step, peak) -> dict:

@@ -13,8 +13,8 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from aki_jax.config import AKIConfig
-from aki_jax.model import init_params
-from aki_jax.sharding import param_shardings
+from aki_jax.model import boxed_abstract_params, init_params
+from aki_jax.sharding import boxed_shardings
 
 FROZEN_WHEN_FREEZING_VISION = ("vision",)
 
@@ -52,39 +52,19 @@ def init_state(config: AKIConfig, optimizer: optax.GradientTransformation, seed:
 
 
 def state_shardings(config: AKIConfig, optimizer, mesh, rules, seed: int = 0):
-    """(abstract state, sharding tree) without allocating: optimizer moments follow their param's sharding."""
-    shapes, p_shardings = param_shardings(config, mesh, rules)
+    """(abstract state, sharding tree) without allocating.
+
+    The optimizer is initialised abstractly on the logically boxed params, so its moments (mu, nu) carry
+    their parameter's logical names and shard like it; scalars (count) are replicated. Only the tree
+    structure of that abstract state is used (a mask that reads leaf names may see the boxes' names).
+    """
+    boxed = boxed_abstract_params(config)
+    _, p_shardings = boxed_shardings(boxed, mesh, rules)
+    _, opt_shardings = boxed_shardings(jax.eval_shape(optimizer.init, split_trainable(boxed, config)[0]), mesh, rules)
     abstract = jax.eval_shape(lambda: init_state(config, optimizer, seed))
     replicated = NamedSharding(mesh, PartitionSpec())
-    trainable_shardings, _ = split_trainable(p_shardings, config)
-    opt_shardings = _like_params(abstract["opt_state"], trainable_shardings, replicated)
     shardings = {"step": replicated, "params": p_shardings, "opt_state": opt_shardings, "rng": replicated}
     return abstract, shardings
-
-
-def _like_params(opt_state, param_sharding_tree, default):
-    """Sharding for each optimizer-state leaf: that of the parameter it mirrors, else replicated.
-
-    optax states hold whole copies of the param tree (mu, nu) next to scalars (count); a subtree with
-    the param tree's structure gets the param shardings.
-    """
-    param_struct = jax.tree.structure(param_sharding_tree)
-
-    def visit(node):
-        try:
-            if jax.tree.structure(node) == param_struct:
-                return param_sharding_tree
-        except Exception:  # noqa: BLE001 - structures that cannot be compared are simply not params
-            pass
-        if isinstance(node, tuple | list) and not hasattr(node, "shape"):
-            children = [visit(c) for c in node]
-            return type(node)(*children) if hasattr(node, "_fields") else type(node)(children)
-        if isinstance(node, dict):
-            return {k: visit(v) for k, v in node.items()}
-        leaves = jax.tree.leaves(node)
-        return jax.tree.map(lambda _: default, node) if leaves else node
-
-    return visit(opt_state)
 
 
 def count_params(tree) -> int:
