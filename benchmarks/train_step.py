@@ -4,10 +4,11 @@ a PyTorch implementation of the same step, and the same step with plain causal a
   python benchmarks/train_step.py                 # CPU, float32 (the defaults)
   python benchmarks/train_step.py --steps 5 --batch 4 --dtype bfloat16
 
-Measured in one process, in this order: the peak FLOP/s of a large jitted matmul (the machine's ceiling
-for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch step (transformers' Phi-3 and
-SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW, frozen vision tower). FLOPs are
-the model FLOPs of `aki_jax.training.flops` (same count for all three). Prints a table and one JSON line.
+Measured in one process, alternating in each of --steps rounds (medians reported): the FLOP/s of a 2048^3
+jitted matmul (the machine's ceiling for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch
+step (transformers' Phi-3 and SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW,
+frozen vision tower). FLOPs are the model FLOPs of `aki_jax.training.flops` (same count for all three). Prints a
+table and one JSON line.
 """
 
 from __future__ import annotations
@@ -43,18 +44,25 @@ def bench_config(dtype: str) -> AKIConfig:
     )  # fmt: skip
 
 
-def time_steps(run_one, steps: int) -> float:
-    """Median seconds per step after one warm-up (compile) call."""
-    run_one()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run_one()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def time_interleaved(runs: dict, rounds: int) -> dict:
+    """Median seconds per named call over `rounds` rounds, after one warm-up (compile) call of each.
+
+    The calls alternate within each round (A B C A B C ...), so a change of machine load during the run hits all
+    of them alike and the ratios between them stay meaningful on a shared machine.
+    """
+    for run in runs.values():
+        run()
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def jax_step_time(config: AKIConfig, batch: dict, steps: int) -> float:
+def jax_step_fn(config: AKIConfig, batch: dict):
+    """One JAX train step (state kept inside) as a closure that blocks until the step is done."""
     mesh_config = S.MeshConfig(data=1)
     mesh = S.make_mesh(mesh_config, jax.devices()[:1])
     rules = S.logical_rules(mesh_config)
@@ -71,10 +79,11 @@ def jax_step_time(config: AKIConfig, batch: dict, steps: int) -> float:
             state["s"], metrics = step(state["s"], device_batch)
         jax.block_until_ready(metrics)
 
-    return time_steps(run_one, steps)
+    return run_one
 
 
-def torch_step_time(config: AKIConfig, batch: dict, steps: int) -> float:
+def torch_step_fn(config: AKIConfig, batch: dict):
+    """One PyTorch train step of the same model as a closure (shared with benchmarks/profile_step.py)."""
     import torch
     import torch.nn.functional as F
 
@@ -111,12 +120,13 @@ def torch_step_time(config: AKIConfig, batch: dict, steps: int) -> float:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none")
         loss = (loss * weights.flatten()).sum() / weights.sum()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
+        with torch.profiler.record_function("optimizer: clip + AdamW"):
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            opt.step()
         opt.zero_grad(set_to_none=True)
 
     ref.train()
-    return time_steps(run_one, steps)
+    return run_one
 
 
 def main():
@@ -126,6 +136,7 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-causal", action="store_true", help="leave out the plain-causal JAX step")
     args = parser.parse_args()
 
     config = bench_config(args.dtype)
@@ -137,15 +148,20 @@ def main():
     step_flops = flops.train_step_flops(config, args.batch, args.seq, 1)
     tokens = args.batch * args.seq
 
-    peak = max(flops.measure_matmul_peak(4096, args.dtype, 3), flops.measure_matmul_peak(2048, args.dtype, 5))
-    rows = {}
-    rows["jax mma"] = jax_step_time(config, batch, args.steps)
-    rows["jax causal"] = jax_step_time(config.replace(attention="causal"), batch, args.steps)
+    # The peak is timed in each round too (seconds of one 2048^3 matmul), beside the steps it divides.
+    peak_size = 2048
+    peak_a = jax.random.normal(jax.random.key(0), (peak_size, peak_size), args.dtype)
+    matmul = jax.jit(lambda x, y: x @ y)
+    runs = {"peak": lambda: matmul(peak_a, peak_a).block_until_ready(), "jax mma": jax_step_fn(config, batch)}
+    if not args.skip_causal:
+        runs["jax causal"] = jax_step_fn(config.replace(attention="causal"), batch)
     if not args.skip_torch:
         import torch
 
         torch.manual_seed(0)
-        rows["torch mma"] = torch_step_time(config, batch, args.steps)
+        runs["torch mma"] = torch_step_fn(config, batch)
+    rows = time_interleaved(runs, args.steps)
+    peak = 2 * peak_size**3 / rows.pop("peak")
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
@@ -165,8 +181,9 @@ def main():
     if "torch mma" in rows:
         result["speedup_vs_torch"] = round(rows["torch mma"] / rows["jax mma"], 3)
         print(f"JAX / PyTorch speed-up: {result['speedup_vs_torch']:.2f}x")
-    result["mma_cost_vs_causal"] = round(rows["jax mma"] / rows["jax causal"], 3)
-    print(f"MMA / causal step time: {result['mma_cost_vs_causal']:.3f}")
+    if "jax causal" in rows:
+        result["mma_cost_vs_causal"] = round(rows["jax mma"] / rows["jax causal"], 3)
+        print(f"MMA / causal step time: {result['mma_cost_vs_causal']:.3f}")
     print(json.dumps(result))
 
 
