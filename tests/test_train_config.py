@@ -55,7 +55,7 @@ def test_resolved_config_round_trips_through_json(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny_digits", "tiny_digits_single", "aki4b_pretrain", "aki4b_sft", "mesh_gpu8", "mesh_tpu_pod"]
+    "name", ["tiny_digits", "tiny_digits_pairs", "aki4b_pretrain", "aki4b_sft", "mesh_gpu8", "mesh_tpu_pod"]
 )
 def test_every_config_file_loads_and_documents_its_command(name):
     path = ROOT / "configs" / f"{name}.py"

@@ -2,7 +2,7 @@
 
   aki-ablation                                        # configs/tiny_digits.py, seeds 0 1 2 -> runs/ablation
   aki-ablation --seeds 5 --out runs/ablation5         # five seeds
-  aki-ablation --config configs/tiny_digits.py data.digits_task=single --out runs/ablation_single
+  aki-ablation --config configs/tiny_digits_pairs.py --out runs/ablation_pairs
   aki-ablation --report-only --out runs/ablation      # rewrite the report from the finished runs
 
 Runs <out>/<attention>_seed<s> one after another, each in its own process (a finished run is skipped, an
