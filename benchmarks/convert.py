@@ -44,9 +44,9 @@ def scaled_config(scale: float):
     )
 
 
-def siglip_head_shapes(d: int, f: int) -> dict[str, tuple[int, ...]]:
-    """The unused SigLIP attention-pooling head, present in released checkpoints."""
-    p = "vision_encoder.head."
+def siglip_head_shapes(d: int, f: int, prefix: str = "vision_encoder.") -> dict[str, tuple[int, ...]]:
+    """The unused SigLIP attention-pooling head, present in released checkpoints (and in SigLIP's own)."""
+    p = f"{prefix}head."
     return {
         f"{p}probe": (1, 1, d),
         f"{p}attention.in_proj_weight": (3 * d, d),

@@ -18,15 +18,13 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import tokenizers
+from convert import dir_bytes, run_child, siglip_head_shapes  # benchmarks/convert.py (this folder is on sys.path)
 from tokenizers import AddedToken, models
 
 from aki_jax.config import aki_4b
@@ -44,16 +42,6 @@ def scaled_config(scale: float):
         vision=dataclasses.replace(c.vision, num_layers=n(c.vision.num_layers)),
         decoder=dataclasses.replace(c.decoder, num_layers=n(c.decoder.num_layers)),
     )
-
-
-def pooling_head_shapes(d: int, f: int) -> dict[str, tuple[int, ...]]:
-    p = "vision_model.head."
-    return {
-        f"{p}probe": (1, 1, d), f"{p}attention.in_proj_weight": (3 * d, d), f"{p}attention.in_proj_bias": (3 * d,),
-        f"{p}attention.out_proj.weight": (d, d), f"{p}attention.out_proj.bias": (d,), f"{p}layernorm.weight": (d,),
-        f"{p}layernorm.bias": (d,), f"{p}mlp.fc1.weight": (f, d), f"{p}mlp.fc1.bias": (f,),
-        f"{p}mlp.fc2.weight": (d, f), f"{p}mlp.fc2.bias": (d,),
-    }  # fmt: skip
 
 
 class RandomTensors:
@@ -79,7 +67,9 @@ def write_towers(work: Path, config, dtype) -> tuple[int, list[Path]]:
     vision = {
         "vision_model." + k[len("vision_encoder.") :]: s for k, s in shapes.items() if k.startswith("vision_encoder.")
     }
-    vision.update(pooling_head_shapes(config.vision.hidden_size, config.vision.intermediate_size))
+    vision.update(
+        siglip_head_shapes(config.vision.hidden_size, config.vision.intermediate_size, prefix="vision_model.")
+    )
     specs = [(k, s, dtype) for k, s in vision.items()]
     total = write_safetensors(siglip / "model.safetensors", specs, random(specs))
     (siglip / "config.json").write_text(json.dumps(siglip_config_dict(config), indent=2))
@@ -126,17 +116,6 @@ def plain_copy(files: list[Path], dst: Path) -> float:
     seconds = time.perf_counter() - start
     shutil.rmtree(dst)
     return seconds
-
-
-def run_child(argv: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes of the child)."""
-    start = time.perf_counter()
-    subprocess.run([sys.executable, *argv], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-
-
-def dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main() -> None:
