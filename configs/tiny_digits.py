@@ -26,5 +26,5 @@ def get_config() -> TrainConfig:
         optim=OptimizerConfig(lr=3e-3, min_lr=1e-4, warmup_steps=50, total_steps=1200, weight_decay=0.01),
         checkpoint=CheckpointConfig(dir="runs/tiny_digits_{attention}", every_steps=200, keep=2),
         logging=LogConfig(every_steps=10),
-        eval=EvalConfig(every_steps=400, batch_size=128),
+        eval=EvalConfig(every_steps=400),
     )

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 from aki_jax.cli.ablation import main
+from aki_jax.data.digits import QUESTION_TYPES
 from aki_jax.training import ablation
+from aki_jax.training.config import load_config_file
 from aki_jax.training.question_types import accuracy_by_type
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +110,8 @@ def test_ablation_command_trains_reports_skips_finished_runs_and_survives_a_fail
     assert [(r["attention"], r["status"]) for r in record["runs"]] == [("mma", "done"), ("causal", "failed")]
     mma = json.loads((out / "mma_seed0" / "summary.json").read_text())
     assert record["runs"][0]["heldout_accuracy"] == mma["heldout_accuracy"]
-    assert set(mma["heldout_by_type"]) == {"left", "right", "left_greater", "sum"}
+    task = load_config_file(ROOT / "configs" / "tiny_digits.py").data.digits_task
+    assert set(mma["heldout_by_type"]) == set(QUESTION_TYPES[task]) and len(QUESTION_TYPES[task]) == 4
     assert set(mma["baselines"]) == {"text_only", "shuffled_image"}
     table = (out / "ablation.md").read_text()
     assert f"| mma (n=1) | {100 * mma['heldout_accuracy']:.1f} |" in table and "| causal | 0 | failed |" in table
