@@ -267,8 +267,8 @@ def sync_processes(name: str, timeout_s: float | None = None) -> None:
 
     `timeout_s` defaults to AKI_BARRIER_TIMEOUT_S, else 10 minutes. A process still missing then fails
     every process with a TimeoutError naming the barrier and the timeout (a late one fails on arrival); a
-    process that died is noticed sooner by JAX's heartbeats (100 s), which end the job. A no-op on one
-    process (and when `jax.distributed` was not initialised).
+    process that died is noticed sooner by JAX's heartbeats (100 s): a ConnectionError naming the barrier,
+    and JAX aborts the process. A no-op on one process (and when `jax.distributed` was not initialised).
     """
     client = _coordination_client()
     if client is None:
@@ -278,13 +278,15 @@ def sync_processes(name: str, timeout_s: float | None = None) -> None:
     try:
         client.wait_at_barrier(name, int(timeout_s * 1000))
     except jax.errors.JaxRuntimeError as e:
-        if "DEADLINE_EXCEEDED" not in str(e):
-            raise
-        raise TimeoutError(
-            f"process {jax.process_index()}: not all {jax.process_count()} processes reached the barrier {name!r} "
-            f"within {timeout_s:g} s; one is stuck or died (see its log), or raise the timeout "
-            f"(AKI_BARRIER_TIMEOUT_S; AKI_FINISH_TIMEOUT_S for the final barrier)"
-        ) from None
+        if "DEADLINE_EXCEEDED" in str(e):
+            raise TimeoutError(
+                f"process {jax.process_index()}: not all {jax.process_count()} processes reached the barrier "
+                f"{name!r} within {timeout_s:g} s; one is stuck or died (see its log), or raise the timeout "
+                f"(AKI_BARRIER_TIMEOUT_S; AKI_FINISH_TIMEOUT_S for the final barrier)"
+            ) from None
+        # E.g. "Task 1 heartbeat timeout": JAX also ends this process then, from another thread.
+        reason = str(e).split("\n", 1)[0].split(" [type.googleapis.com", 1)[0]
+        raise ConnectionError(f"process {jax.process_index()}: the barrier {name!r} failed: {reason}") from None
 
 
 def compile_together(jitted, *args, name: str):
