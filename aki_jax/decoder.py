@@ -83,7 +83,10 @@ class DecoderLayer(nn.Module):
             new_cache = {"key": k, "value": v}
             k, v = k.astype(dt), v.astype(dt)
         attn = dot_product_attention(q, k, v, mask, implementation=self.attention_impl)
-        x = constrain(x + jnp.einsum("BTNH,NHD->BTD", attn, w_o.astype(dt)), ACT)
+        # BTNH,NHD->BTD contracting (N, H) in that order: jnp.einsum would contract (H, N), which makes XLA
+        # copy the weight into that order on every call (the whole o weight once per token when decoding).
+        out = jax.lax.dot_general(attn, w_o.astype(dt), (((2, 3), (0, 1)), ((), ())))
+        x = constrain(x + out, ACT)
 
         y = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         gate_up = jnp.einsum("BTD,DKF->BTKF", y, w_gate_up.astype(dt))
