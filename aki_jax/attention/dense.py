@@ -13,13 +13,7 @@ import jax.numpy as jnp
 def _attention_scores(query, key, mask):
     """f32[B, N, T, S] scaled scores; masked entries at the lowest float32 (a fully masked row stays uniform)."""
     scale = query.shape[-1] ** -0.5
-    if query.shape[1] == 1:
-        # One query per row (a decode step): products summed over H read the key cache [B, S, N, H] where it
-        # lies; the batched matrix product would first copy the whole cache into [B, N, H, S] order.
-        scores = jnp.sum(query.astype(jnp.float32) * key.astype(jnp.float32), axis=-1)
-        scores = jnp.swapaxes(scores, 1, 2)[:, :, None, :] * scale
-    else:
-        scores = jnp.einsum("BTNH,BSNH->BNTS", query, key, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("BTNH,BSNH->BNTS", query, key, preferred_element_type=jnp.float32) * scale
     if mask is not None:
         scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     return scores
@@ -31,11 +25,7 @@ def _attention_forward(query, key, value, mask):
     unnormalised = jnp.exp(scores - row_max)
     row_sum = jnp.sum(unnormalised, -1, keepdims=True)
     probs = (unnormalised / row_sum).astype(value.dtype)
-    if query.shape[1] == 1:  # as in `_attention_scores`: the value cache is read in place
-        weights = jnp.swapaxes(probs[:, :, 0], 1, 2)[..., None].astype(jnp.float32)  # [B, S, N, 1]
-        out = jnp.sum(weights * value.astype(jnp.float32), axis=1, keepdims=True).astype(value.dtype)
-    else:
-        out = jnp.einsum("BNTS,BSNH->BTNH", probs, value)
+    out = jnp.einsum("BNTS,BSNH->BTNH", probs, value)
     # Row max and sum rather than their log-sum-exp: with every key masked, max + log(sum) rounds
     # back to the mask value and the recomputed probabilities would be 1 instead of 1/S.
     return out, (query, key, value, mask, out, row_max, row_sum)
