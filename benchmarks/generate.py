@@ -24,11 +24,19 @@ rate as a share of it.
 What the per-layer decode removes (XLA's CPU HLO of one decode step, defaults): under `nn.scan` each layer's weight
 slice is copied out of the stacked arrays before its matrix-vector products (dynamic-slice fusions, as long as the
 products themselves in a jax.profiler trace), the layer's K/V cache slice is copied in and out, and the stacked
-cache output is zero-filled and copied each step. Two more copies went with it: jnp.einsum contracted the o
+cache output is zero-filled and copied each step. One more copy went with it: jnp.einsum contracted the o
 projection's (N, H) as (H, N), so XLA transposed the whole o weight every call (`DecoderLayer` now contracts in
-order), and the batched q.K and p.V products copied the whole K and V cache into [B, N, ...] order every step
-(one query per row is now products summed in place, `aki_jax.attention.dense`). What a step still moves beyond
-the bound's bytes: the embedding row, tiny activations; the thunks of ~25 small ops per layer cost time, not bytes.
+order). What a step still moves beyond the bound's bytes: XLA CPU copies each layer's K and V cache into
+[N, H, S] order for the batched q.K and p.V products (12.6 MB per token at the defaults, ~7% of the bound's
+bytes, and slow strided copies: ~12% of the op time in a trace). Tried and dropped: one query as products
+summed in place (no copies, but XLA ran those sums slower: 37-40 vs 66-80 tokens/s) and a per-layer cache
+kept in [B, N, H, S] order (XLA then duplicated the cache update into two fusions and copied the cache four
+times). The ~30 small ops per layer cost time (thunk dispatch), not bytes.
+
+Measured 2026-12-02 on the project's 2-core machine shared with other jobs (under load; the load average is in
+the JSON): per-layer decode 61-80 tokens/s = 48-63% of a 117-130 tokens/s bound, the scanned decode 40-47
+tokens/s = 33-36% in the same runs (1.5-1.8x). The prefill latency of the per-layer decode is ~35 ms higher: the
+copy of the 100 MB of layer weights out of their stack, once per `generate` call.
 """
 
 from __future__ import annotations
