@@ -34,8 +34,10 @@ kept in [B, N, H, S] order (XLA then duplicated the cache update into two fusion
 times). The ~30 small ops per layer cost time (thunk dispatch), not bytes.
 
 Measured 2026-12-02 on the project's 2-core machine shared with other jobs (under load; the load average is in
-the JSON): per-layer decode 61-80 tokens/s = 48-63% of a 117-130 tokens/s bound, the scanned decode 40-47
-tokens/s = 33-36% in the same runs (1.5-1.8x). The prefill latency of the per-layer decode is ~35 ms higher: the
+the JSON), four --skip-torch runs at load average ~1.5: per-layer decode 66-80 tokens/s = 55-63% of a 117-130
+tokens/s bound (20-22 GB/s), the scanned decode 40-46 tokens/s = 33-36% in the same runs (1.6-1.8x); a run with
+torch at load average ~15 gave 17% / 13% / 2% (torch 1.6 tokens/s): under such load no figure means much. The
+goal (>= 70%) is not shown met here. The prefill latency of the per-layer decode is ~35 ms higher: the
 copy of the 100 MB of layer weights out of their stack, once per `generate` call.
 """
 
