@@ -363,7 +363,7 @@ def test_training_starts_from_the_folder_and_its_loss_falls(towers, tmp_path):
         "checkpoint.every_steps=1000", "checkpoint.export_pretrained=false", "logging.every_steps=1",
         "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
         "logging.peak_flops_per_device=1e12", "eval.every_steps=1000", "eval.max_batches=1",
-        "model.vision.image_size=28", "model.vision.patch_size=7",  # tiny()'s tower (the digits job draws 16/8)
+        "model.vision.image_size=28", "model.vision.patch_size=7",  # tiny()'s tower (the digits job's: one 28x28 patch)
     ]  # fmt: skip
     config = Path(__file__).resolve().parents[1] / "configs" / "tiny_digits.py"
     assert train_main(["--config", str(config), "--init-from", str(dst), *overrides]) == 0
