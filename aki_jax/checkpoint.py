@@ -139,7 +139,7 @@ class ParamsWriter:
     not depend on `overlap` or `arena_bytes` (only how the leaves are grouped into partial saves does).
     """
 
-    ALIGN = 4096  # leaves start on page boundaries in the arena
+    ALIGN = 64  # leaves start on cache-line boundaries in the arena
 
     def __init__(
         self,

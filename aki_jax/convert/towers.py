@@ -10,8 +10,11 @@ The SigLIP text tower (`text_model.*`, `logit_scale`, `logit_bias`) and pooling 
 reported. The tokenizer is extended as the original factory does (`aki_jax.processing.tokenizer.load_tokenizer`),
 which fixes `initial_tokenizer_len` and `pad_token_id`.
 
-Memory and failure behaviour are the converter's: headers and shapes are checked before anything is written,
-then the leaves are streamed one at a time into a hidden folder beside `dst`, renamed to `dst` at the end.
+Failure behaviour is the converter's: headers and shapes are checked before anything is written, then the
+leaves are streamed one at a time into a hidden folder beside `dst`, renamed to `dst` at the end. Each leaf is
+built (tensors mapped from the towers' files, transposed into place, new ones drawn) in one reused block the
+size of the largest leaf, while the leaves before it are saved on a background thread
+(`aki_jax.checkpoint.ParamsWriter`): peak memory is about that block, and the time near a plain copy's.
 """
 
 from __future__ import annotations
