@@ -14,7 +14,7 @@ Failure behaviour is the converter's: headers and shapes are checked before anyt
 leaves are streamed one at a time into a hidden folder beside `dst`, renamed to `dst` at the end. Each leaf is
 built (tensors mapped from the towers' files, transposed into place, new ones drawn) in one reused block the
 size of the largest leaf, while the leaves before it are saved on a background thread
-(`aki_jax.checkpoint.ParamsWriter`): peak memory is about that block, and the time near a plain copy's.
+(`aki_jax.checkpoint.ParamsWriter`): peak memory is about that block.
 """
 
 from __future__ import annotations
