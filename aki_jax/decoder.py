@@ -83,7 +83,10 @@ class DecoderLayer(nn.Module):
             new_cache = {"key": k, "value": v}
             k, v = k.astype(dt), v.astype(dt)
         attn = dot_product_attention(q, k, v, mask, implementation=self.attention_impl)
-        x = constrain(x + jnp.einsum("BTNH,NHD->BTD", attn, w_o.astype(dt)), ACT)
+        # BTNH,NHD->BTD contracting (N, H) in that order: jnp.einsum would contract (H, N), which makes XLA
+        # copy the weight into that order on every call (the whole o weight once per token when decoding).
+        out = jax.lax.dot_general(attn, w_o.astype(dt), (((2, 3), (0, 1)), ((), ())))
+        x = constrain(x + out, ACT)
 
         y = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         gate_up = jnp.einsum("BTD,DKF->BTKF", y, w_gate_up.astype(dt))
@@ -93,9 +96,18 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Embedding (with the 2 added rows), scanned Phi-3 layers, final RMSNorm, split output head."""
+    """Embedding (with the 2 added rows), Phi-3 layers, final RMSNorm, split output head.
+
+    scan_layers True (training, checkpoints, prefill): the layers are one `nn.scan` over weights stacked on
+    a leading "layers" axis (params["layers"], f[layers, ...] leaves). False (the decode step of
+    `aki_jax.generation`): one `DecoderLayer` per layer, params["layers_0"], params["layers_1"], ... as
+    `unrolled_params` makes them, and the cache a list of per-layer {"key", "value"}. The scan reads each
+    layer's weights through a slice of the stack, which XLA (on CPU) copies before every matrix product;
+    at one token per call that copy costs about as much as the products, with separate arrays it is gone.
+    """
 
     config: AKIConfig
+    scan_layers: bool = True
 
     def setup(self):
         c = self.config
@@ -106,8 +118,11 @@ class Decoder(nn.Module):
         self.additional_embedding = param(
             self, "additional_embedding", default_kernel_init, (2, dec.hidden_size), (None, "embed"), pd
         )
-        layers = scanned(DecoderLayer, dec.num_layers, c.remat, broadcast_args=4, scanned_args=1)
-        self.layers = layers(dec, jnp.dtype(c.dtype), pd, c.attention_impl)
+        if self.scan_layers:
+            layers = scanned(DecoderLayer, dec.num_layers, c.remat, broadcast_args=4, scanned_args=1)
+            self.layers = layers(dec, jnp.dtype(c.dtype), pd, c.attention_impl)
+        else:  # flax names the list's modules layers_0, layers_1, ...
+            self.layers = [DecoderLayer(dec, jnp.dtype(c.dtype), pd, c.attention_impl) for _ in range(dec.num_layers)]
         self.norm = RMSNorm(dec.rms_norm_eps, pd)
         self.lm_head_kernel = param(
             self, "lm_head_kernel", default_kernel_init, (dec.hidden_size, dec.vocab_size), ("embed", "vocab"), pd
@@ -138,12 +153,21 @@ class Decoder(nn.Module):
         """embeds f[B, T, D], positions int[B, T], mask bool[B, T, S] or AttentionRanges (S = T, or the cache length).
 
         Returns logits f32[B, T, initial_tokenizer_len + 2] and the updated cache (None without one).
-        `cache` is {"key", "value"}: f[layers, B, S, N, H]; this call's keys are written at `cache_index`.
+        `cache` is {"key", "value"}: f[layers, B, S, N, H] (with scan_layers False: a list of one such dict
+        per layer, f[B, S, N, H]); this call's keys are written at `cache_index`.
         """
         c = self.config
         dt = jnp.dtype(c.dtype)
         cos, sin = rope_cos_sin(positions, c.decoder)
-        x, cache = self.layers(embeds.astype(dt), cos, sin, mask, cache_index, cache)
+        x = embeds.astype(dt)
+        if self.scan_layers:
+            x, cache = self.layers(x, cos, sin, mask, cache_index, cache)
+        else:
+            layer_caches = []
+            for i, layer in enumerate(self.layers):
+                x, layer_cache = layer(x, cos, sin, mask, cache_index, None if cache is None else cache[i])
+                layer_caches.append(layer_cache)
+            cache = None if cache is None else layer_caches
         x = self.norm(x)
         n_orig = c.initial_tokenizer_len
         # Multiply by the whole head and cut the logits: slicing the kernel would copy it on every call.
@@ -153,6 +177,23 @@ class Decoder(nn.Module):
         added = added + self.additional_head_bias.astype(dt)
         logits = jnp.concatenate([main, added], axis=-1).astype(jnp.float32)
         return constrain(logits, ("act_batch", "act_length", "act_vocab")), cache
+
+
+def unstack_layers(tree) -> list:
+    """A tree of f[layers, ...] leaves -> one tree per layer (the leaves' slices along axis 0).
+
+    Under jit each slice is a copy: take them once (before a token loop), not in every step.
+    """
+    num_layers = jax.tree.leaves(tree)[0].shape[0]
+    return [jax.tree.map(lambda leaf, i=i: leaf[i], tree) for i in range(num_layers)]
+
+
+def unrolled_params(decoder_params: dict) -> dict:
+    """Decoder params of the scanned layout (`Decoder`) -> those of `Decoder(config, scan_layers=False)`."""
+    params = {name: value for name, value in decoder_params.items() if name != "layers"}
+    for i, layer in enumerate(unstack_layers(decoder_params["layers"])):
+        params[f"layers_{i}"] = layer
+    return params
 
 
 def init_cache(config: AKIConfig, batch: int, length: int, dtype=None):

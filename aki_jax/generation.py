@@ -19,6 +19,9 @@ How it works (B rows, prompt length P, N new tokens, cache length P + N):
      slots and to the generated slots up to itself (causal), exactly as the original continues
      after its prefill. Rows stop independently at any of `eos_ids` (the end token is kept, then
      `pad_id` follows); the loop ends when every row has stopped or N tokens exist.
+     The prefill runs the decoder's layers as a scan over their stacked weights; the decode steps,
+     which read every weight once per token, run them one by one over per-layer copies taken once
+     after the prefill (`scan_layers=True` keeps the scan: no copy, slower; see `aki_jax.decoder.Decoder`).
 
 Padding: prompts may be padded on either side (PAD modality); left padding (what `generate_text`
 uses) keeps the arrays simple. Positions count from each row's first real token, so a padded
@@ -42,13 +45,14 @@ import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aki_jax.decoder import CACHE_AXES, init_cache
+from aki_jax.decoder import CACHE_AXES, Decoder, init_cache, unrolled_params, unstack_layers
 from aki_jax.layers import constrain
-from aki_jax.mask import PAD, TEXT
+from aki_jax.mask import PAD
 
 
 # --- sampling -----------------------------------------------------------------------------------------------
@@ -118,6 +122,9 @@ def _sampling_args(sampling: Sampling) -> dict:
 
 # --- the two model calls --------------------------------------------------------------------------------------
 def _constrain_cache(cache):
+    """Shard a stacked cache {"key", "value"} or a per-layer list of them (see `_for_decoding`) like activations."""
+    if isinstance(cache, list):
+        return [{name: constrain(value, CACHE_AXES[1:]) for name, value in layer.items()} for layer in cache]
     return {name: constrain(value, CACHE_AXES) for name, value in cache.items()}
 
 
@@ -135,27 +142,41 @@ def _prefill(model, params, pixel_values, input_ids, modality_ids, cache_length:
     return _constrain_cache(cache), last_logits, real, real.sum(axis=1).astype(jnp.int32)
 
 
-def _decode_step(model, params, cache, token, step, real, lengths):
-    """Feed token int32[B] as new token `step` (slot P + step) -> (logits f32[B, V], cache)."""
+def _for_decoding(params, cache, scan_layers: bool):
+    """The decode steps' weights and cache: with scan_layers False, the decoder's layer weights and the
+    cache as separate per-layer arrays (copied once here, so no step copies a slice of a stack).
+    Only the decoder's params are kept: a decode step runs no vision tower."""
+    decoder = params["decoder"]
+    if scan_layers:
+        return decoder, cache
+    return unrolled_params(decoder), _constrain_cache(unstack_layers(cache))
+
+
+def _decode_step(model, decoder_params, cache, token, step, real, lengths, scan_layers: bool):
+    """Feed token int32[B] as new token `step` (slot P + step) -> (logits f32[B, V], cache).
+
+    `decoder_params` and `cache` as `_for_decoding` returns them; the step is the model's decoder alone
+    (a text token, the positions and the mask given), run through `Decoder(config, scan_layers)`.
+    """
     batch, prompt = real.shape
-    slots = jnp.arange(cache["key"].shape[2])
-    visible = jnp.where(slots < prompt, jnp.pad(real, ((0, 0), (0, slots.shape[0] - prompt))), slots <= prompt + step)
-    logits, cache = model.apply(
-        {"params": params},
-        None,
-        token[:, None],
-        jnp.full((batch, 1), TEXT, jnp.int32),
-        positions=(lengths + step)[:, None],
-        cache=cache,
-        cache_index=prompt + step,
-        attention_mask=visible[:, None, :],
-    )
+    length = (cache[0] if isinstance(cache, list) else cache)["key"].shape[-3]
+    slots = jnp.arange(length)
+    visible = jnp.where(slots < prompt, jnp.pad(real, ((0, 0), (0, length - prompt))), slots <= prompt + step)
+
+    def run(decoder):
+        embeds = decoder.embed(token[:, None])
+        return decoder(embeds, (lengths + step)[:, None], visible[:, None, :], cache, prompt + step)
+
+    decoder = Decoder(model.config, scan_layers=scan_layers)
+    logits, cache = nn.apply(run, decoder)({"params": decoder_params})
     return logits[:, 0], _constrain_cache(cache)
 
 
 # --- array-level generation -------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_dtype"))
-def _generate(params, pixel_values, input_ids, modality_ids, key, sampling, *, model, max_new_tokens, cache_dtype):
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "cache_dtype", "scan_layers"))
+def _generate(
+    params, pixel_values, input_ids, modality_ids, key, sampling, *, model, max_new_tokens, cache_dtype, scan_layers
+):
     batch, prompt = input_ids.shape
     sample = functools.partial(
         sample_logits, temperature=sampling["temperature"], top_k=sampling["top_k"], top_p=sampling["top_p"]
@@ -164,6 +185,7 @@ def _generate(params, pixel_values, input_ids, modality_ids, key, sampling, *, m
     cache, logits, real, lengths = _prefill(
         model, params, pixel_values, input_ids, modality_ids, prompt + max_new_tokens, cache_dtype
     )
+    decoder_params, cache = _for_decoding(params, cache, scan_layers)
     token = sample(logits, jax.random.fold_in(key, 0))
     done = jnp.isin(token, stops)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
@@ -174,7 +196,7 @@ def _generate(params, pixel_values, input_ids, modality_ids, key, sampling, *, m
 
     def body(carry):
         step, cache, token, done, out = carry
-        logits, cache = _decode_step(model, params, cache, token, step - 1, real, lengths)
+        logits, cache = _decode_step(model, decoder_params, cache, token, step - 1, real, lengths, scan_layers)
         new = sample(logits, jax.random.fold_in(key, step))
         new = jnp.where(done, pad_id, new)
         out = jax.lax.dynamic_update_slice_in_dim(out, new[:, None], step, axis=1)
@@ -210,6 +232,7 @@ def generate(
     *,
     sampling: Sampling = GREEDY,
     cache_dtype=None,
+    scan_layers: bool = False,
 ):
     """New token ids int32[B, max_new_tokens] after the prompts (greedy unless sampling.temperature > 0).
 
@@ -219,6 +242,10 @@ def generate(
         padded prompt batch, e.g. `Processor.collate(..., padding_side="left")`).
       sampling: `Sampling` (traced; shapes, max_new_tokens, the model and cache_dtype are compiled in).
       cache_dtype: KV cache dtype (default: the model's compute dtype).
+      scan_layers: False (default): decode over per-layer copies of the decoder's layer weights, taken
+        once per call (memory: one more copy of those weights while generating); True: decode through
+        the layers' scan over the stacked weights, which copies each layer's slice at every token
+        (slower; see `aki_jax.decoder.Decoder`). Both give the same tokens.
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
     return _generate(
@@ -231,6 +258,7 @@ def generate(
         model=model,
         max_new_tokens=int(max_new_tokens),
         cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype).name,
+        scan_layers=bool(scan_layers),
     )
 
 
@@ -246,9 +274,12 @@ def _stream_prefill(params, pixel_values, input_ids, modality_ids, key, sampling
     return cache, token, real, lengths
 
 
-@functools.partial(jax.jit, static_argnames=("model",), donate_argnums=(1,))
-def _stream_step(params, cache, token, step, real, lengths, key, sampling, *, model):
-    logits, cache = _decode_step(model, params, cache, token, step - 1, real, lengths)
+_stream_for_decoding = jax.jit(_for_decoding, static_argnames=("scan_layers",))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "scan_layers"), donate_argnums=(1,))
+def _stream_step(decoder_params, cache, token, step, real, lengths, key, sampling, *, model, scan_layers):
+    logits, cache = _decode_step(model, decoder_params, cache, token, step - 1, real, lengths, scan_layers)
     key = jax.random.fold_in(key, step)
     return cache, sample_logits(logits, key, sampling["temperature"], sampling["top_k"], sampling["top_p"])
 
@@ -263,10 +294,12 @@ def stream_generate(
     *,
     sampling: Sampling = GREEDY,
     cache_dtype=None,
+    scan_layers: bool = False,
 ):
     """Like `generate`, but yields each step's tokens (numpy int32[B]) as they are produced.
 
     Yields the same tokens as `generate` with the same arguments (finished rows yield `sampling.pad_id`).
+    The layer weights are copied per layer once per call, as in `generate` (unless scan_layers).
     """
     pixel_values, input_ids, modality_ids = _check_inputs(model, pixel_values, input_ids, modality_ids, max_new_tokens)
     settings = sampling
@@ -284,12 +317,22 @@ def stream_generate(
         cache_length=input_ids.shape[1] + max_new_tokens,
         cache_dtype=cache_dtype,
     )
+    decoder_params, cache = _stream_for_decoding(params, cache, scan_layers=bool(scan_layers))
     stops = np.asarray(settings.eos_ids or (), np.int32)
     done = np.zeros(input_ids.shape[0], bool)
     for step in range(max_new_tokens):
         if step > 0:
             cache, token = _stream_step(
-                params, cache, token, jnp.int32(step), real, lengths, key, sampling, model=model
+                decoder_params,
+                cache,
+                token,
+                jnp.int32(step),
+                real,
+                lengths,
+                key,
+                sampling,
+                model=model,
+                scan_layers=bool(scan_layers),
             )
         host = np.where(done, settings.pad_id, np.asarray(token)).astype(np.int32)
         token = jnp.asarray(host)

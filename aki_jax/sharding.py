@@ -203,12 +203,20 @@ def make_global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
     return out
 
 
+# How long a process waits for the others (seconds): at start-up and the first collectives; at the end.
+BARRIER_TIMEOUT_ENV = "AKI_BARRIER_TIMEOUT_S"
+DEFAULT_BARRIER_TIMEOUT_S = 600
+FINISH_TIMEOUT_ENV = "AKI_FINISH_TIMEOUT_S"
+DEFAULT_FINISH_TIMEOUT_S = 3600
+
+
 def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
     """`jax.distributed.initialize()` for multi-host runs (auto-detected on TPU pods, SLURM, Open MPI).
 
     enabled=None initialises only when a cluster environment is detected, so single-host runs skip it.
     Without a cluster manager, set JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
-    and JAX_PROCESS_ID on every process. Must run before any other JAX call.
+    and JAX_PROCESS_ID on every process. Must run before any other JAX call. Each process waits for
+    the others to connect for AKI_BARRIER_TIMEOUT_S (as at `sync_processes`; at least 5 minutes).
     """
     import os
 
@@ -220,12 +228,80 @@ def initialize_distributed(enabled: bool | None = None, **kwargs) -> None:
         for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
             if key not in kwargs and os.environ.get(env):
                 kwargs[key] = _env_int(env)
+        # A host may start late too; never below JAX's own 5 minutes (a short barrier timeout is for failing fast).
+        wait = max(300, math.ceil(_timeout_s(BARRIER_TIMEOUT_ENV, DEFAULT_BARRIER_TIMEOUT_S)))
+        kwargs.setdefault("initialization_timeout", wait)
         jax.distributed.initialize(**kwargs)
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
-FINISH_TIMEOUT_ENV = "AKI_FINISH_TIMEOUT_S"
-DEFAULT_FINISH_TIMEOUT_S = 3600
+def _coordination_client():
+    """JAX's coordination-service client (None on one process, or before `jax.distributed.initialize`)."""
+    from jax._src import distributed  # jax has no public barrier with a timeout
+
+    return getattr(distributed.global_state, "client", None)
+
+
+def _timeout_s(env: str, default: float) -> float:
+    import os
+
+    value = os.environ.get(env) or str(default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"environment variable {env}={value!r} must be a positive number of seconds")
+    return seconds
+
+
+def sync_processes(name: str, timeout_s: float | None = None) -> None:
+    """Wait until every process reaches the barrier `name` (of JAX's coordination service).
+
+    Why: the CPU collectives (gloo) open a communicator for each new set of devices at its first
+    collective, and give the other processes a fixed 30 s to get there ("Gloo context initialization
+    failed: DEADLINE_EXCEEDED: GetKeyValue() timed out"; jax has no setting for it). A host slower to
+    build its data or to compile (a loaded machine; a persistent compilation cache, whose entries on CPU
+    only process 0 writes and finds) arrives later than that. Meeting here first, with a long timeout, makes the
+    collective start together; once open, a communicator waits for a late process for many minutes.
+
+    `timeout_s` defaults to AKI_BARRIER_TIMEOUT_S, else 10 minutes. A process still missing then fails
+    every process with a TimeoutError naming the barrier and the timeout (a late one fails on arrival); a
+    process that died is noticed sooner by JAX's heartbeats (100 s): a ConnectionError naming the barrier,
+    and JAX aborts the process. A no-op on one process (and when `jax.distributed` was not initialised).
+    """
+    client = _coordination_client()
+    if client is None:
+        return
+    if timeout_s is None:
+        timeout_s = _timeout_s(BARRIER_TIMEOUT_ENV, DEFAULT_BARRIER_TIMEOUT_S)
+    try:
+        client.wait_at_barrier(name, int(timeout_s * 1000))
+    except jax.errors.JaxRuntimeError as e:
+        if "DEADLINE_EXCEEDED" in str(e):
+            raise TimeoutError(
+                f"process {jax.process_index()}: not all {jax.process_count()} processes reached the barrier "
+                f"{name!r} within {timeout_s:g} s; one is stuck or died (see its log), or raise the timeout "
+                f"(AKI_BARRIER_TIMEOUT_S; AKI_FINISH_TIMEOUT_S for the final barrier)"
+            ) from None
+        # E.g. "Task 1 heartbeat timeout": JAX also ends this process then, from another thread.
+        reason = str(e).split("\n", 1)[0].split(" [type.googleapis.com", 1)[0]
+        raise ConnectionError(f"process {jax.process_index()}: the barrier {name!r} failed: {reason}") from None
+
+
+def compile_together(jitted, *args, name: str):
+    """`jitted` compiled for `args` on every process, returned once all have compiled it (`sync_processes`).
+
+    For the first call of a program whose collectives are the first over some devices: compilation time
+    differs between hosts (up to the whole compile when only one hits the compilation cache), and gloo
+    would give the late one only 30 s (see `sync_processes`). Call the result with `args`; later calls
+    of `jitted` with the same kind of arguments reuse this executable. On one process: `jitted` itself.
+    """
+    if _coordination_client() is None:
+        return jitted
+    compiled = jitted.lower(*args).compile()
+    sync_processes(name)
+    return compiled
 
 
 def finish_distributed(name: str = "aki-finish", timeout_s: float | None = None) -> None:
@@ -234,22 +310,16 @@ def finish_distributed(name: str = "aki-finish", timeout_s: float | None = None)
     Without this, JAX shuts down at interpreter exit, where a process that is done waits for the others
     in a shutdown barrier of fixed length (5 minutes) and aborts the whole job (SIGABRT, "Shutdown
     barrier has failed ... DEADLINE_EXCEEDED") when another host is slower: a loaded machine, a
-    process writing plots or reports. Here a finished process waits at a named barrier of the
-    coordination service, for `timeout_s` (default AKI_FINISH_TIMEOUT_S, else an hour); a process that
-    died is still noticed within the heartbeat timeout. Only then is the runtime shut down, with
+    process writing plots or reports. Here a finished process waits at `sync_processes(name)`, for
+    `timeout_s` (default AKI_FINISH_TIMEOUT_S, else an hour). Only then is the runtime shut down, with
     everyone present. A no-op on one process (and when `jax.distributed` was not initialised).
     """
-    import os
-
-    from jax._src import distributed  # the coordination client; jax has no public barrier with a timeout
-
-    client = getattr(distributed.global_state, "client", None)
-    if client is None:
+    if _coordination_client() is None:
         return
     if timeout_s is None:
-        timeout_s = float(os.environ.get(FINISH_TIMEOUT_ENV) or DEFAULT_FINISH_TIMEOUT_S)
+        timeout_s = _timeout_s(FINISH_TIMEOUT_ENV, DEFAULT_FINISH_TIMEOUT_S)
     log.info("process %d: finished; waiting for the other processes", jax.process_index())
-    client.wait_at_barrier(name, int(timeout_s * 1000))
+    sync_processes(name, timeout_s)
     jax.distributed.shutdown()
 
 

@@ -12,10 +12,14 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID) on one 2x2 (data x
   only) and comes back to that process; a different process count is refused by name.
 - A process that finishes long before the other (slow host) waits for it and both exit cleanly, where
   JAX's own shutdown barrier (5 minutes, fixed) would abort the job.
+- A host slower (by more than gloo's fixed 30 s) to build its data and to reach its first step holds the
+  others back at barriers instead of failing their first collectives; one that does not arrive within
+  AKI_BARRIER_TIMEOUT_S fails every process with an error naming the barrier and the timeout.
 """
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -295,3 +299,34 @@ def test_a_process_done_early_waits_for_a_slow_one_before_shutdown(cache, finish
         assert [r.stdout.split()[-2:] for r in runs] == [["done", "0"], ["done", "1"]]
     else:  # JAX's own teardown: process 0 gives up at its shutdown barrier and the job aborts
         assert runs[0].returncode == -6 and "Shutdown barrier has failed" in runs[0].stderr, runs[0].stderr[-2000:]
+
+
+def test_a_slow_host_holds_the_others_back_instead_of_failing_their_first_collectives(tmp_path, cache):
+    """Process 1 is 35 s late twice: at the first collective (Orbax's, when the checkpointer is made) and at
+    the first step's. Without the barriers before them, process 0 gives up there after gloo's fixed 30 s
+    ("Gloo context initialization failed: DEADLINE_EXCEEDED")."""
+    runs = train(tmp_path / "run", cache, "synthetic_data=true", "steps=4", "--slow-host=35", "--hook-process=1")
+    assert_ok(runs)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_host_that_never_arrives_fails_every_process_at_the_barrier_within_its_timeout(tmp_path, cache):
+    runs = train(
+        tmp_path / "run",
+        cache,
+        "synthetic_data=true",
+        "steps=4",
+        "--slow-host=20",  # stuck for longer than the timeout; it fails too when it gets there
+        "--hook-process=1",
+        env={"AKI_BARRIER_TIMEOUT_S": "5"},
+    )
+    assert_ok(runs, 1)
+    for p, run in enumerate(runs):
+        errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+        # Process 1 normally misses the setup barrier; were it to make it, it would miss the first step's.
+        assert len(errors) == 1 and re.fullmatch(
+            rf"error: process {p}: not all 2 processes reached the barrier 'aki-train-(setup|first-step)' within 5 s; "
+            r"one is stuck or died \(see its log\), or raise the timeout \(AKI_BARRIER_TIMEOUT_S; "
+            r"AKI_FINISH_TIMEOUT_S for the final barrier\)",
+            errors[0],
+        ), run.stderr[-2000:]

@@ -6,6 +6,7 @@ Runs on the 8 fake CPU devices of tests/conftest.py, in float32 with full-precis
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -151,3 +152,39 @@ def test_decoder_flop_count_matches_xla_cost_analysis():
     ours = flops.decoder_forward_flops(config, length)
     # XLA also counts elementwise work (norms, softmax, rope): ours, matmuls only, is a bit lower.
     assert 0.85 * xla["flops"] < ours <= xla["flops"]
+
+
+def test_lr_multipliers_scale_the_update_of_the_longest_matching_prefix():
+    """One AdamW step with factors equals the plain step's update times each leaf's factor."""
+    params = {
+        "resampler": {"latents": jnp.ones((3, 4)), "norm": {"scale": jnp.ones(4)}},
+        "decoder": {"embed": jnp.ones((5, 4)), "head": jnp.ones((4, 5))},
+    }
+    grads = jax.tree.map(lambda p: jnp.linspace(-1.0, 2.0, p.size).reshape(p.shape), params)
+    plain = OptimizerConfig(lr=1e-2, warmup_steps=0, total_steps=10, grad_clip=0.0)
+    scaled = dataclasses.replace(plain, lr_multipliers={"resampler": 4.0, "resampler/norm": 0.5, "decoder/embed": 0.0})
+
+    def first_update(config):
+        optimizer = make_optimizer(config)
+        state = optimizer.init(params)
+        state = optimizer.update(grads, state, params)[1]  # the second step: Adam moments are no longer trivial
+        return optimizer.update(grads, state, params)[0]
+
+    base, got = first_update(plain), first_update(scaled)
+    factors = {"resampler": {"latents": 4.0, "norm": {"scale": 0.5}}, "decoder": {"embed": 0.0, "head": 1.0}}
+    expected = jax.tree.map(lambda u, f: u * f, base, factors)
+    for path, value in jax.tree_util.tree_flatten_with_path(got)[0]:
+        np.testing.assert_allclose(value, _leaf(expected, path), rtol=1e-6, err_msg=str(path))
+    assert float(jnp.abs(base["decoder"]["head"]).max()) > 0  # the comparison is not between zeros
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_lr_multipliers_with_an_unknown_prefix_name_it():
+    config = OptimizerConfig(lr_multipliers={"resampler/lattents": 2.0})
+    with pytest.raises(ValueError, match=r"optim.lr_multipliers: 'resampler/lattents' names no trainable parameter"):
+        make_optimizer(config).init({"resampler": {"latents": jnp.ones(2)}})

@@ -1,16 +1,19 @@
 """`aki-train` with the test hooks, for the tests that run training as real processes.
 
   python tests/train_with_hooks.py [--record-example-ids] [--kill-at-step N] [--sigterm-at-step N]
-                                   [--hook-process P] AKI-TRAIN ARGUMENTS...
+                                   [--slow-host S] [--hook-process P] AKI-TRAIN ARGUMENTS...
 
 --record-example-ids  each step's example ids (or, for data without ids, a short hash of each row) are
                       appended to <checkpoint.dir>/example_ids.jsonl (example_ids.processP-of-N.jsonl with
                       several processes), one line {"step", "ids"} per step.
 --kill-at-step N      SIGKILL this process after step N (no cleanup at all).
 --sigterm-at-step N   send this process SIGTERM after step N (as a preemption notice would).
---hook-process P      the two faults only in process P of a multi-process run (default: every process).
+--slow-host S         sleep S seconds before building the data and again before the first step (a slow
+                      host: its data and its compilation take that much longer than the others').
+--hook-process P      the faults only in process P of a multi-process run (default: every process).
 
-The hooks are `aki_jax.training.loop.train` callbacks, so the product config carries no test switches.
+The hooks are `aki_jax.training.loop.train` callbacks (--slow-host wraps `loop.build_data` and `loop.run`),
+so the product config carries no test switches.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 
 import jax
 import numpy as np
@@ -62,13 +66,31 @@ def fault(kill_at_step: int, sigterm_at_step: int, process: int):
     return hook
 
 
+def slow_host(seconds: float, process: int) -> None:
+    from aki_jax.training import loop
+
+    def delayed(fn):
+        def wrapper(*args, **kwargs):
+            if process in (-1, jax.process_index()):
+                time.sleep(seconds)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    loop.build_data = delayed(loop.build_data)
+    loop.run = delayed(loop.run)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--record-example-ids", action="store_true")
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--sigterm-at-step", type=int, default=0)
+    parser.add_argument("--slow-host", type=float, default=0)
     parser.add_argument("--hook-process", type=int, default=-1)
     hooks, rest = parser.parse_known_args()
+    if hooks.slow_host:
+        slow_host(hooks.slow_host, hooks.hook_process)
     callbacks = [record_example_ids] if hooks.record_example_ids else []
     callbacks.append(fault(hooks.kill_at_step, hooks.sigterm_at_step, hooks.hook_process))
     raise SystemExit(main(rest, callbacks=callbacks))

@@ -71,9 +71,11 @@ class Distribution:
 
     def barrier(self, name: str) -> None:
         if self.process_count > 1:
-            from jax.experimental import multihost_utils
+            # The coordination service's barrier, not a collective: a gloo collective's first run waits
+            # only 30 s for a host still loading the model (see `sync_processes`).
+            from aki_jax.sharding import sync_processes
 
-            multihost_utils.sync_global_devices(name)
+            sync_processes(name)
 
     def max(self, value: int) -> int:
         if self.process_count == 1:

@@ -56,6 +56,9 @@ class OptimizerConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     grad_accum: int = 1
+    # Learning-rate factors by parameter path prefix, the longest matching prefix wins:
+    # {"resampler": 10.0, "decoder/embed": 0.5}. Weight decay scales with them (it is part of the update).
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -158,6 +158,9 @@ def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
     schedule = learning_rate_schedule(config.optim)
     abstract, shardings = state_shardings(model_config, optimizer, mesh, rules, config.seed)
 
+    # Orbax's CheckpointManager runs the first cross-process collective: meet first (building the data can
+    # take one host much longer than another, and gloo's first collective waits only 30 s; see sync_processes).
+    sharding.sync_processes("aki-train-setup")
     checkpointer = Checkpointer(
         out_dir, config.checkpoint.every_steps, config.checkpoint.keep, config.checkpoint.keep_best,
         config.checkpoint.async_save,
@@ -218,7 +221,10 @@ def run(job: Job, callbacks: Sequence[Callback] = ()) -> Outcome:
             example_ids = batch.pop("example_ids", None)
             global_batch = sharding.make_global_batch(batch, mesh, rules)
             t0 = time.perf_counter()
-            state, metrics = job.step_fn(state, global_batch)
+            step_fn = job.step_fn
+            if timer["compile_s"] is None:  # every process compiles the first step, then they start it together
+                step_fn = sharding.compile_together(step_fn, state, global_batch, name="aki-train-first-step")
+            state, metrics = step_fn(state, global_batch)
             step += 1
             if timer["compile_s"] is None:
                 jax.block_until_ready(metrics)

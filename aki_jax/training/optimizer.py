@@ -7,6 +7,7 @@ no Adam moments and no weight decay; gradients never reach it (the model stops t
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from aki_jax.training.config import OptimizerConfig
@@ -41,8 +42,49 @@ def weight_decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def lr_factors(params, multipliers: dict[str, float]):
+    """The learning-rate factor of each leaf of `params`: that of its longest matching path prefix, else 1.
+
+    A prefix that names no parameter is an error (a typo would otherwise silently train at the base rate).
+    """
+    names = [_path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for prefix in multipliers:
+        if not any(n == prefix or n.startswith(prefix + "/") for n in names):
+            tops = sorted({n.split("/")[0] for n in names})
+            raise ValueError(
+                f"optim.lr_multipliers: {prefix!r} names no trainable parameter (paths start with one of {tops}, "
+                f"levels joined by '/')"
+            )
+
+    def factor(path, _):
+        name = _path_name(path)
+        matches = [p for p in multipliers if name == p or name.startswith(p + "/")]
+        return float(multipliers[max(matches, key=len)]) if matches else 1.0
+
+    return jax.tree_util.tree_map_with_path(factor, params)
+
+
+def scale_by_lr_factors(multipliers: dict[str, float]) -> optax.GradientTransformation:
+    """Multiply each leaf's update by its `lr_factors` factor (after AdamW: scales its lr and decay)."""
+
+    def init(params):
+        lr_factors(params, multipliers)  # validate the prefixes once, where the parameter tree is known
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        factors = lr_factors(updates, multipliers)
+        return jax.tree.map(lambda u, f: u if f == 1.0 else u * jnp.asarray(f, u.dtype), updates, factors), state
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule (applied to already-averaged gradients)."""
+    """Global-norm clipping, then AdamW with the schedule (applied to already-averaged gradients), then the
+    per-path learning-rate factors (`lr_multipliers`), if any."""
     parts = []
     if config.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
@@ -56,4 +98,6 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
             mask=weight_decay_mask,
         )
     )
+    if config.lr_multipliers:
+        parts.append(scale_by_lr_factors(dict(config.lr_multipliers)))
     return optax.chain(*parts)
