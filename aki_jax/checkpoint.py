@@ -18,6 +18,10 @@ every parameter on restore (and sets `config.param_dtype`); `sharding` places th
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import math
+import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -101,26 +105,197 @@ def write_params_streaming(
     peak memory is about `batch_bytes` plus the largest leaf. `ocp.v1.partial.finalize` then makes it an
     ordinary checkpoint (`ocp.v1.load` restores it). Returns the bytes of array data written.
     """
-    ocp, total = _ocp(), 0
-    batch: dict[str, Any] = {}
-    pending = 0
-    with _context(compress):
+    with ParamsWriter(path, compress, batch_bytes) as writer:
         for path_tuple, leaf in leaves:
-            node = batch
-            for key in path_tuple[:-1]:
-                node = node.setdefault(key, {})
-            node[path_tuple[-1]] = leaf
-            pending += leaf.nbytes
-            total += leaf.nbytes
-            del node, leaf
-            if pending >= batch_bytes:
-                ocp.partial.save(path, batch)
-                batch, pending = {}, 0
-        if batch:
-            ocp.partial.save(path, batch)
-        del batch
-        ocp.partial.finalize(path)
-    return total
+            writer.add(path_tuple, leaf)
+            del leaf
+    return writer.bytes_written
+
+
+class ParamsWriter:
+    """An Orbax param checkpoint written leaf by leaf, never holding all of them:
+
+        with ParamsWriter(folder / "params", overlap=True, arena_bytes=n) as writer:
+            for path, leaf in iter_params(state, config, dtype, allocate=writer.allocate):
+                writer.add(path, leaf)
+                del leaf  # so that the writer can reuse its memory once it is saved
+        writer.bytes_written
+
+    `add` gathers leaves into batches of `batch_bytes`, each saved as one orbax partial save; leaving the block
+    finalizes them into an ordinary checkpoint (`ocp.v1.load` restores it).
+
+    `allocate(shape, dtype)` gives the array to build the next leaf in, carved from one block of `arena_bytes`
+    that is reused once the leaves in it are saved: fresh memory costs more than filling it (the kernel zeroes
+    every page on first touch; measured ~2x the transposes that fill a leaf). It waits until the new leaf fits
+    beside the leaves not yet saved, saving the gathered batch early if only that stands in the way. A leaf
+    larger than the block is allocated on its own once everything before it is saved.
+
+    `overlap=True` saves each batch on a background thread while the caller builds the next leaves in the
+    arena, and skips tensorstore's fsync after every write (it would keep each batch's memory, and the caller,
+    waiting until the bytes reach the disk); leaving the block fsyncs every file once instead, so the checkpoint
+    is as durable. Without an arena nothing can be built beside a save, so nothing overlaps.
+
+    Peak memory: `arena_bytes`, or `batch_bytes` plus the largest leaf where that is more. The saved values do
+    not depend on `overlap` or `arena_bytes` (only how the leaves are grouped into partial saves does).
+    """
+
+    ALIGN = 64  # leaves start on cache-line boundaries in the arena
+
+    def __init__(
+        self,
+        path: str | Path,
+        compress: bool = False,
+        batch_bytes: int = 256 << 20,
+        overlap: bool = False,
+        arena_bytes: int = 0,
+    ):
+        self.path = Path(path)
+        self.compress = compress
+        self.batch_bytes = batch_bytes
+        self.overlap = overlap
+        self.arena_bytes = arena_bytes
+        self.bytes_written = 0
+        self._arena: np.ndarray | None = None
+        self._live: dict[int, int] = {}  # arena offset -> end of each leaf allocated there and not yet saved
+        self._batch: dict[str, Any] = {}
+        self._batch_offsets: list[int] = []
+        self._pending = 0
+        self._saving: collections.deque = collections.deque()  # (future, arena offsets) per batch being saved
+        self._pool = None
+        self._fsync_off = contextlib.ExitStack()
+
+    def __enter__(self) -> ParamsWriter:
+        if self.overlap:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="params-writer")
+            self._fsync_off.enter_context(_tensorstore_without_fsync())
+        return self
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """An uninitialised array for the next leaf: in the arena once it fits there, else on its own."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or nbytes > self.arena_bytes:
+            self._drain()
+            return np.empty(shape, dtype)
+        if self._arena is None:
+            self._arena = np.empty(self.arena_bytes, np.uint8)
+        while (offset := self._fit(nbytes)) is None:
+            if self._saving:
+                self._wait_oldest()
+            elif self._batch:
+                self._submit()
+            else:  # only leaves allocated but never added are left: a caller error
+                raise RuntimeError(f"ParamsWriter.allocate: {nbytes} bytes do not fit beside leaves never added")
+        self._live[offset] = offset + nbytes
+        return self._arena[offset : offset + nbytes].view(dtype).reshape(shape)
+
+    def add(self, path_tuple: tuple[str, ...], leaf: np.ndarray) -> None:
+        node = self._batch
+        for key in path_tuple[:-1]:
+            node = node.setdefault(key, {})
+        node[path_tuple[-1]] = leaf
+        if self._arena is not None:
+            offset = leaf.ctypes.data - self._arena.ctypes.data
+            if offset in self._live:
+                self._batch_offsets.append(offset)
+        self._pending += leaf.nbytes
+        self.bytes_written += leaf.nbytes
+        del node, leaf
+        while self._saving and self._saving[0][0].done():  # free finished batches, raise their errors now
+            self._wait_oldest()
+        if self._pending >= self.batch_bytes:
+            self._submit()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._drain()
+                with _context(self.compress):
+                    _ocp().partial.finalize(self.path)
+                if self.overlap:
+                    _fsync_tree(self.path)
+        finally:
+            for future, _ in self._saving:  # after an error: let running saves end before the caller cleans up
+                future.exception()
+            self._saving.clear()
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._fsync_off.close()
+            self._arena = None
+
+    def _fit(self, nbytes: int) -> int | None:
+        """The lowest aligned arena offset with `nbytes` free, or None."""
+        start = 0
+        for begin, end in sorted(self._live.items()):
+            if begin - start >= nbytes:
+                return start
+            start = max(start, -(-end // self.ALIGN) * self.ALIGN)
+        return start if self.arena_bytes - start >= nbytes else None
+
+    def _submit(self) -> None:
+        batch, offsets = self._batch, self._batch_offsets
+        self._batch, self._batch_offsets, self._pending = {}, [], 0
+        if self._pool is None:
+            self._save(batch)
+            self._free(offsets)
+        else:
+            self._saving.append((self._pool.submit(self._save, batch), offsets))
+
+    def _save(self, batch: dict) -> None:
+        with _context(self.compress):  # orbax contexts are per thread
+            _ocp().partial.save(self.path, batch)
+
+    def _wait_oldest(self) -> None:
+        future, offsets = self._saving.popleft()
+        future.result()
+        self._free(offsets)
+
+    def _drain(self) -> None:
+        if self._batch:
+            self._submit()
+        while self._saving:
+            self._wait_oldest()
+
+    def _free(self, offsets: list[int]) -> None:
+        for offset in offsets:
+            del self._live[offset]
+
+
+@contextlib.contextmanager
+def _tensorstore_without_fsync():
+    """Orbax opens its tensorstores with `file_io_sync` on (an fsync after every write) and has no option for
+    it; its default tensorstore contexts are switched here. If a later orbax moves them, saves simply fsync
+    as before (slower, same files)."""
+    try:
+        from orbax.checkpoint._src.serialization import tensorstore_utils
+
+        contexts = [tensorstore_utils._DEFAULT_OCDBT_TS_CONTEXT, tensorstore_utils._BASE_TS_CONTEXT]
+    except (ImportError, AttributeError):
+        contexts = []
+    before = [context.get("file_io_sync") for context in contexts]
+    for context in contexts:
+        context["file_io_sync"] = False
+    try:
+        yield
+    finally:
+        for context, value in zip(contexts, before, strict=True):
+            if value is None:
+                context.pop("file_io_sync", None)
+            else:
+                context["file_io_sync"] = value
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file below `path`, then every folder (so that their entries are durable too)."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in [*files, "."]:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def params_metadata(path: str | Path) -> dict:

@@ -1,15 +1,24 @@
 """Initialisation benchmark: synthetic SigLIP + Phi-3.5 folders with the real shapes -> an aki-jax folder.
 
-    PYTHONPATH=. python benchmarks/init_from_towers.py             # full size: ~8.4 GB of random bf16 in /tmp
-    PYTHONPATH=. python benchmarks/init_from_towers.py --scale 0.1 # layer counts x0.1 (at least 1): quick
+    PYTHONPATH=. python benchmarks/init_from_towers.py              # full size: ~8.4 GB of random bf16 in /tmp
+    PYTHONPATH=. python benchmarks/init_from_towers.py --scale 0.1  # layer counts x0.1 (at least 1): quick
+    PYTHONPATH=. python benchmarks/init_from_towers.py --cache warm # towers' pages resident before each step
 
 Steps (all in this run): write `siglip/` (a SiglipVisionModel folder: config.json, every `vision_model.*`
 tensor incl. the pooling head, one model.safetensors) and `phi3/` (a Phi3ForCausalLM folder: config.json,
 `model.*` + `lm_head.weight` in two shards with model.safetensors.index.json as released, and a 32011-entry
-tokenizer whose pad is its eos, as Phi-3.5's); time a plain copy of all their safetensors files (read + write
-+ fsync) as the baseline; run `aki-init-from-towers` in a child process and read its peak resident memory
-from the OS (getrusage of the child). Prints a table and one JSON line. Goals: peak RSS <= towers/2, time <=
-2x the copy.
+tokenizer whose pad is its eos, as Phi-3.5's). Then `--repeat` (default 3) rounds of, alternately:
+  1. settle, then time a plain copy of all the towers' safetensors files (16 MB reads and writes, an fsync per
+     file): the floor for any tool that reads those bytes and writes as many;
+  2. settle, then time `aki-init-from-towers --dtype bfloat16` in a child process, from its start (Python and
+     JAX imports included, as a user waits for them) to its exit (its output fsynced and renamed into place),
+     and read that child's own peak resident memory from the OS (os.wait4's rusage).
+"Settle" puts both on the same footing: `os.sync()` (no write-back of an earlier step left to compete), then
+the towers' pages are dropped from the page cache (`--cache cold`, the default: posix_fadvise DONTNEED on
+every file, so both read everything from the disk) or read once in full (`--cache warm`). Outputs are deleted
+outside the timings, before the settle. The table and the JSON line give the median copy time, the median init
+time and their ratio (all runs are in the JSON), and the highest peak RSS of the runs against the towers' size.
+Goals: peak RSS <= towers/2, time <= 2x the copy.
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ import dataclasses
 import json
 import os
 import shutil
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import tokenizers
-from convert import dir_bytes, run_child, siglip_head_shapes  # benchmarks/convert.py (this folder is on sys.path)
+from convert import dir_bytes, siglip_head_shapes  # benchmarks/convert.py (this folder is on sys.path)
 from tokenizers import AddedToken, models
 
 from aki_jax.config import aki_4b
@@ -105,7 +117,25 @@ def write_phi35_like_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
 
 
+def settle(files: list[Path], cache: str) -> None:
+    """Put the page cache in the same state before every timed step: nothing left to write back, and the
+    towers' pages dropped ("cold": posix_fadvise DONTNEED, no root needed) or all resident ("warm")."""
+    os.sync()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if cache == "cold":
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while os.read(fd, 16 << 20):
+                    pass
+        finally:
+            os.close(fd)
+
+
 def plain_copy(files: list[Path], dst: Path) -> float:
+    """Seconds to copy the towers' safetensors files (read + write + fsync), the floor for any tool that
+    reads them and writes as many bytes."""
     dst.mkdir()
     start = time.perf_counter()
     for src in files:
@@ -118,11 +148,28 @@ def plain_copy(files: list[Path], dst: Path) -> float:
     return seconds
 
 
+def run_child(argv: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one tool run in a child process (os.wait4: this child's own rusage)."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, *argv], env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise subprocess.CalledProcessError(child.returncode, argv)
+    return seconds, usage.ru_maxrss * 1024
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="/tmp/aki_towers_bench", help="work folder (needs ~2x the towers' size)")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the layer counts (default 1 = aki-4b)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeat", type=int, default=3, help="copy/init pairs timed, medians reported (default 3)")
+    parser.add_argument(
+        "--cache", default="cold", choices=["cold", "warm"],
+        help="towers' pages before each timed step: dropped (default) or all resident",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the files (default: delete them at the end)")
     args = parser.parse_args()
 
@@ -131,24 +178,37 @@ def main() -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     config = scaled_config(args.scale)
+    argv = ["-m", "aki_jax.cli.init_from_towers", "--vision", str(work / "siglip"), "--lm", str(work / "phi3")]
+    argv += ["--dst", str(work / "aki"), "--dtype", args.dtype]
+    copies, inits, peaks = [], [], []
     try:
         t = time.perf_counter()
         tower_bytes, files = write_towers(work, config, as_dtype(args.dtype))
         print(f"wrote synthetic towers: {tower_bytes / 1e9:.2f} GB in {time.perf_counter() - t:.1f} s", flush=True)
-        copy_s = plain_copy(files, work / "copy")
-        argv = ["-m", "aki_jax.cli.init_from_towers", "--vision", str(work / "siglip"), "--lm", str(work / "phi3")]
-        init_s, init_rss = run_child([*argv, "--dst", str(work / "aki"), "--dtype", args.dtype])
+        for i in range(args.repeat):  # alternated, so that a change of load hits both alike
+            settle(files, args.cache)
+            copies.append(plain_copy(files, work / "copy"))
+            shutil.rmtree(work / "aki", ignore_errors=True)  # the last run's folder is kept for the report
+            settle(files, args.cache)
+            seconds, peak = run_child(argv)
+            inits.append(seconds)
+            peaks.append(peak)
+            print(f"repetition {i + 1}: copy {copies[-1]:.1f} s, init {inits[-1]:.1f} s", flush=True)
         report = json.loads((work / "aki" / "init_report.json").read_text())
+        copy_s, init_s = statistics.median(copies), statistics.median(inits)
         result = {
             "benchmark": "init_from_towers",
             "scale": args.scale,
             "dtype": args.dtype,
+            "cache": args.cache,
             "towers_bytes": tower_bytes,
             "plain_copy_s": round(copy_s, 2),
             "init_s": round(init_s, 2),
             "time_ratio_to_copy": round(init_s / copy_s, 2),
-            "init_peak_rss_bytes": init_rss,
-            "rss_ratio_to_towers": round(init_rss / tower_bytes, 3),
+            "plain_copy_runs_s": [round(x, 2) for x in copies],
+            "init_runs_s": [round(x, 2) for x in inits],
+            "init_peak_rss_bytes": max(peaks),
+            "rss_ratio_to_towers": round(max(peaks) / tower_bytes, 3),
             "bytes_written": dir_bytes(work / "aki"),
             "special_tokens": report["special_tokens"],
         }
@@ -157,11 +217,12 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     gb = lambda x: f"{x / 1e9:.2f} GB"
+    n = f"median of {args.repeat}, {args.cache} cache"
     print(f"{'towers (SigLIP + Phi-3.5)':<30}{gb(result['towers_bytes'])} ({args.dtype}, scale {args.scale})")
-    print(f"{'plain copy (read+write+fsync)':<30}{result['plain_copy_s']:.1f} s")
-    print(f"{'init (child process)':<30}{result['init_s']:.1f} s  = {result['time_ratio_to_copy']:.2f}x copy")
+    print(f"{'plain copy (read+write+fsync)':<30}{result['plain_copy_s']:.1f} s ({n})")
+    print(f"{'init (child process)':<30}{result['init_s']:.1f} s  = {result['time_ratio_to_copy']:.2f}x copy ({n})")
     rss, ratio = gb(result["init_peak_rss_bytes"]), result["rss_ratio_to_towers"]
-    print(f"{'init peak RSS':<30}{rss}  = {ratio:.2f}x the towers")
+    print(f"{'init peak RSS (max of runs)':<30}{rss}  = {ratio:.2f}x the towers")
     print(f"{'bytes written (folder)':<30}{gb(result['bytes_written'])}")
     print(json.dumps(result))
 

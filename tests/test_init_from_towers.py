@@ -23,7 +23,7 @@ from torch import nn
 from transformers import Phi3ForCausalLM, PreTrainedTokenizerFast, SiglipConfig, SiglipModel
 
 import aki_jax
-from aki_jax.checkpoint import load_pretrained
+from aki_jax.checkpoint import iter_leaves, load_pretrained, params_metadata
 from aki_jax.cli.init_from_towers import main as init_main
 from aki_jax.convert.mapping import TABLE, params_to_torch, torch_keys
 from aki_jax.convert.towers import draw_parameter, init_from_towers, new_parameter_inits
@@ -292,6 +292,34 @@ def test_dtype_and_seed_options(towers, tmp_path):
     assert np.array_equal(
         np.asarray(params["resampler"]["latents"], np.float32), want.astype(jnp.bfloat16).astype(np.float32)
     )
+
+
+def folder_contents(folder: Path) -> dict:
+    """Everything a run writes that should depend on its inputs only: every parameter's bytes, every other
+    file's bytes, and the report without its timing and destination. (Orbax names its data files at random,
+    so the params folder is compared by what it restores to.)"""
+    out = {"params": dict(iter_leaves(folder / "params", sorted(params_metadata(folder / "params"))))}
+    out["params"] = {k: (v.dtype.str, v.shape, v.tobytes()) for k, v in out["params"].items()}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != "init_report.json":
+            out[path.name] = path.read_bytes()
+    report = json.loads((folder / "init_report.json").read_text())
+    out["report"] = {k: v for k, v in report.items() if k not in ("seconds", "dst")}
+    return out
+
+
+def test_the_same_seed_writes_the_same_folder_overlapped_or_serial(towers, initialised, tmp_path):
+    """`initialised` is the command line's run (leaves built while earlier ones are saved); the same seed,
+    overlapped again or written serially, gives the same parameters and files; another seed does not."""
+    root, _, _ = towers
+    first = folder_contents(initialised)
+    for name, overlap, seed in [("again", True, 0), ("serial", False, 0), ("seed1", True, 1)]:
+        init_from_towers(root / "siglip", root / "phi3", tmp_path / name, overlap=overlap, seed=seed, **quiet)
+    assert folder_contents(tmp_path / "again") == first
+    assert folder_contents(tmp_path / "serial") == first
+    other = folder_contents(tmp_path / "seed1")["params"]
+    changed = {k for k in other if other[k] != first["params"][k]}
+    assert ("resampler", "latents") in changed and ("decoder", "embed_tokens") not in changed
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -1,10 +1,11 @@
 """Streaming safetensors: read one tensor at a time, write one tensor at a time, validate everything.
 
 The format: 8-byte little-endian header length n, n bytes of JSON {name: {"dtype", "shape",
-"data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw little-endian data. Reading uses
-positioned reads (`os.pread`) into fresh arrays rather than a memory map, so pages of tensors already
-converted do not stay in this process's resident set. bfloat16 is read and written through
-`ml_dtypes.bfloat16` (numpy has no native bfloat16).
+"data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw little-endian data. Each tensor read
+is a read-only array over its own memory map of just its bytes, unmapped when the array is freed: the page
+cache's pages are mapped rather than copied (a read costs no memcpy; a writable map would copy every page on
+populate), and pages of tensors already converted do not stay in this process's resident set. bfloat16 is read
+and written through `ml_dtypes.bfloat16` (numpy has no native bfloat16).
 
 Why not the `safetensors` package (it is only in the `convert` / `test` extras): its writer takes all
 tensors at once (no streaming, so an 8.6 GB export would need a second full copy in memory), and its
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -102,19 +104,19 @@ class SafetensorsFile(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
-        out = np.empty(shape, dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8))
+        if end == begin:
+            return np.empty(shape, dtype)
+        start = self._data_start + begin
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY  # a map's offset must be page aligned
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            done = 0
-            while done < end - begin:
-                got = os.preadv(fd, [view[done:]], self._data_start + begin + done)
-                if got == 0:
-                    raise ConversionError(f"{self.path}: truncated while reading tensor {name!r}")
-                done += got
+            if os.fstat(fd).st_size < self._data_start + end:  # mapped pages past the end would raise SIGBUS
+                raise ConversionError(f"{self.path}: truncated while reading tensor {name!r}")
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: fault every page in at once
+            mapped = mmap.mmap(fd, self._data_start + end - aligned, flags, mmap.PROT_READ, offset=aligned)
         finally:
             os.close(fd)
-        return out
+        return np.frombuffer(mapped, dtype, math.prod(shape), start - aligned).reshape(shape)
 
     def __iter__(self):
         return iter(self._entries)

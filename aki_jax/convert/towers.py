@@ -10,8 +10,11 @@ The SigLIP text tower (`text_model.*`, `logit_scale`, `logit_bias`) and pooling 
 reported. The tokenizer is extended as the original factory does (`aki_jax.processing.tokenizer.load_tokenizer`),
 which fixes `initial_tokenizer_len` and `pad_token_id`.
 
-Memory and failure behaviour are the converter's: headers and shapes are checked before anything is written,
-then the leaves are streamed one at a time into a hidden folder beside `dst`, renamed to `dst` at the end.
+Failure behaviour is the converter's: headers and shapes are checked before anything is written, then the
+leaves are streamed one at a time into a hidden folder beside `dst`, renamed to `dst` at the end. Each leaf is
+built (tensors mapped from the towers' files, transposed into place, new ones drawn) in one reused block the
+size of the largest leaf, while the leaves before it are saved on a background thread
+(`aki_jax.checkpoint.ParamsWriter`): peak memory is about that block.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aki_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, write_params_streaming
+from aki_jax.checkpoint import CONFIG_FILE, PARAMS_DIR, ParamsWriter
 from aki_jax.config import AKIConfig, ResamplerConfig
 from aki_jax.convert.hf_config import decoder_from_phi3, original_constructor_args, vision_from_siglip
 from aki_jax.convert.mapping import (
@@ -37,6 +40,8 @@ from aki_jax.convert.mapping import (
     as_dtype,
     expected_torch_shapes,
     iter_params,
+    leaf_shape,
+    num_layers,
     tensor_shape,
     torch_keys,
 )
@@ -358,6 +363,7 @@ def init_from_towers(
     resampler: ResamplerConfig | None = None,
     compress: bool = False,
     overwrite: bool = False,
+    overlap: bool = True,
     log: Callable[[str], None] = print,
 ) -> TowersReport:
     """Write the pretrained folder `dst` of a freshly assembled AKI (what the paper's pretraining starts from).
@@ -367,6 +373,8 @@ def init_from_towers(
     dtype: of every parameter, "float32" by default as in the original (which builds both towers in float32 and
     trains fp32 master weights); "bfloat16" halves the folder. num_latents: resampler latents (default 144).
     seed: the draws of the new parameters. resampler: a whole ResamplerConfig instead of the original's.
+    overlap: build each leaf while the previous ones are written (`aki_jax.checkpoint.ParamsWriter`), within
+    the memory of the largest leaf; False writes each batch before building the next (the same folder).
     """
     start = time.perf_counter()
     dst = Path(dst)
@@ -385,7 +393,7 @@ def init_from_towers(
     inits = new_parameter_inits(config, float(lm_tower.config.get("initializer_range") or PHI3_INITIALIZER_RANGE))
     state = _InitialState([vision_tower, lm_tower], inits, config, seed)
     dtype = as_dtype(dtype).name
-    config = config.replace(param_dtype=dtype)
+    shapes, config = config, config.replace(param_dtype=dtype)  # `shapes`: the config the leaf shapes were traced for
     text_tower = [k for k in ignored if not k.startswith("vision_model.head.")]
     log(
         f"special tokens: pad {tok.pad_token!r} = {tok.pad_token_id}, initial_tokenizer_len "
@@ -409,7 +417,13 @@ def init_from_towers(
         (tmp / ORIGINAL_CONFIG_FILE).write_text(
             json.dumps(original_constructor_args(config, recorded), indent=2) + "\n"
         )
-        written = write_params_streaming(tmp / PARAMS_DIR, iter_params(state, config, dtype), compress=compress)
+        leaf_bytes = [math.prod(leaf_shape(shapes, e)) * (num_layers(shapes, e.layers) or 1) for e in TABLE]
+        arena = max(leaf_bytes) * as_dtype(dtype).itemsize  # the serial path's peak memory: one leaf
+        with ParamsWriter(tmp / PARAMS_DIR, compress, overlap=overlap, arena_bytes=arena) as writer:
+            for leaf_path, leaf in iter_params(state, shapes, dtype, allocate=writer.allocate):
+                writer.add(leaf_path, leaf)
+                del leaf
+        written = writer.bytes_written
         tok.save(tmp)
         if (lm_tower.folder / "generation_config.json").is_file():
             shutil.copy2(lm_tower.folder / "generation_config.json", tmp / "generation_config.json")
