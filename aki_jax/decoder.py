@@ -45,6 +45,16 @@ def rope_cos_sin(positions, config: DecoderConfig):
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
+def unfuse(x, parts: int) -> list:
+    """The `parts` outputs of a fused projection f[B, T, K, ...] (K = parts), each f[B, T, ...].
+
+    A split rather than K index slices: the gradient of a split is one concatenation, while the slices'
+    gradients are K zero-padded copies of the whole fused output summed together (on CPU that was two
+    extra passes over the largest activation of the layer, in the backward of both qkv and gate-up).
+    """
+    return [jnp.squeeze(part, 2) for part in jnp.split(x, parts, axis=2)]
+
+
 def apply_rope(x, cos, sin):
     """x f[B, T, N, H] rotated by cos/sin f32[B, T, H] (the two halves of each head pair up)."""
     half = x.shape[-1] // 2
@@ -74,7 +84,7 @@ class DecoderLayer(nn.Module):
         y = RMSNorm(c.rms_norm_eps, pd, name="input_layernorm")(x)
         # Keep the fused index after B, T: a K-first output makes XLA transpose the weight on every call.
         qkv = jnp.einsum("BTD,DKNH->BTKNH", y, w_qkv.astype(dt))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q, k, v = unfuse(qkv, 3)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
         if cache is not None:
@@ -90,7 +100,7 @@ class DecoderLayer(nn.Module):
 
         y = RMSNorm(c.rms_norm_eps, pd, name="post_attention_layernorm")(x)
         gate_up = jnp.einsum("BTD,DKF->BTKF", y, w_gate_up.astype(dt))
-        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+        gate, up = unfuse(gate_up, 2)
         x = x + jnp.einsum("BTF,FD->BTD", nn.silu(gate) * up, w_down.astype(dt))
         return constrain(x, ACT), new_cache
 

@@ -1,20 +1,28 @@
 """Train-step throughput and MFU of a ~60M-parameter AKI at sequence 512, against this machine's matmul peak,
 a PyTorch implementation of the same step, and the same step with plain causal attention.
 
-  python benchmarks/train_step.py                 # CPU, float32 (the defaults)
+  python benchmarks/train_step.py                          # CPU, float32, 5 rounds (the defaults)
+  python benchmarks/train_step.py --allocator tcmalloc     # every side with tcmalloc preloaded
+  python benchmarks/train_step.py --baseline ../before     # + the JAX step of another checkout, side by side
   python benchmarks/train_step.py --steps 5 --batch 4 --dtype bfloat16
 
-Measured in one process, alternating in each of --steps rounds (medians reported): the FLOP/s of a 2048^3
-jitted matmul (the machine's ceiling for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch
-step (transformers' Phi-3 and SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW,
-frozen vision tower). FLOPs are the model FLOPs of `aki_jax.training.flops` (same count for all three). Prints a
-table and one JSON line.
+Each side runs in its own worker process, started one after another (compile and warm-up), then called in
+turn in each of --steps rounds (A B C A B C ...; medians reported, with min and max): four 2048^3 jitted matmuls
+(the machine's ceiling for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch step
+(transformers' Phi-3 and SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW,
+frozen vision tower). Separate processes because in one process the two runtimes' thread pools and their
+page-fault storms slowed each other unevenly (the JAX step ran ~1.3x slower beside a live PyTorch). Every
+worker gets the same allocator (`--allocator`). FLOPs are the model FLOPs of `aki_jax.training.flops` (same
+count for all). Prints a table and one JSON line (per-round times included).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import jax
@@ -29,6 +37,10 @@ from aki_jax.training.state import count_params, init_state, state_shardings
 from aki_jax.training.step import make_train_step
 from aki_jax.training.synthetic import SyntheticBatches
 
+PEAK_SIZE = 2048
+PEAK_REPEATS = 4
+BASELINE = "jax before"  # the JAX step of the checkout given by --baseline
+
 
 def bench_config(dtype: str) -> AKIConfig:
     """~62M parameters: SigLIP-like 112px/14 (64 patches) x4 layers, resampler 64 latents x2, Phi-3-like 8x640."""
@@ -42,23 +54,6 @@ def bench_config(dtype: str) -> AKIConfig:
         pad_token_id=8189,
         dtype=dtype,
     )  # fmt: skip
-
-
-def time_interleaved(runs: dict, rounds: int) -> dict:
-    """Median seconds per named call over `rounds` rounds, after one warm-up (compile) call of each.
-
-    The calls alternate within each round (A B C A B C ...), so a change of machine load during the run hits all
-    of them alike and the ratios between them stay meaningful on a shared machine.
-    """
-    for run in runs.values():
-        run()
-    times = {name: [] for name in runs}
-    for _ in range(rounds):
-        for name, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def jax_step_fn(config: AKIConfig, batch: dict):
@@ -129,58 +124,165 @@ def torch_step_fn(config: AKIConfig, batch: dict):
     return run_one
 
 
+TCMALLOC_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4",
+    "/usr/lib64/libtcmalloc_minimal.so.4",
+)
+
+
+def allocator_env(allocator: str) -> dict:
+    """The environment of every worker: the system allocator, or tcmalloc preloaded (same for all sides)."""
+    env = dict(os.environ)
+    if allocator == "system":
+        return env
+    found = [path for path in TCMALLOC_PATHS if os.path.exists(path)]
+    if not found:
+        raise SystemExit(
+            f"--allocator tcmalloc: none of {', '.join(TCMALLOC_PATHS)} exists "
+            "(Debian: apt install libtcmalloc-minimal4)"
+        )
+    env["LD_PRELOAD"] = ":".join(filter(None, [found[0], env.get("LD_PRELOAD", "")]))
+    return env
+
+
+def make_run(name: str, args):
+    """The closure that runs one `name` call (built, compiled and warmed up before it is returned)."""
+    config = bench_config(args.dtype)
+    batch = next(SyntheticBatches(config, args.batch, args.seq, images_per_row=1, seed=0))
+    batch.pop("example_ids")
+    if name == "peak":  # 2048^3 matmuls, the machine's ceiling for the dominant op
+        a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), args.dtype)
+        matmul = jax.jit(lambda x, y: x @ y)
+
+        def run():
+            for _ in range(PEAK_REPEATS):  # one 86 ms product alone is at the mercy of a single hiccup
+                matmul(a, a).block_until_ready()
+
+    elif name in ("jax mma", BASELINE):
+        import aki_jax
+
+        print(f"{name}: aki_jax from {os.path.dirname(aki_jax.__file__)}", file=sys.stderr)
+        run = jax_step_fn(config, batch)
+    elif name == "jax causal":
+        run = jax_step_fn(config.replace(attention="causal"), batch)
+    elif name == "torch mma":
+        import torch
+
+        torch.manual_seed(0)
+        run = torch_step_fn(config, batch)
+    else:
+        raise ValueError(f"unknown worker {name!r}")
+    run()  # compile / warm up
+    return run
+
+
+def worker(name: str, args):
+    """A side in its own process: reads one line per call from stdin, answers with the call's seconds."""
+    run = make_run(name, args)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        start = time.perf_counter()
+        run()
+        print(f"{time.perf_counter() - start:.6f}", flush=True)
+
+
+def time_interleaved(names: list, args) -> dict:
+    """{name: [seconds per round]}: each side in its own worker process, the calls alternating in each round.
+
+    One process per side keeps the runtimes' thread pools and allocators out of each other's way (in one
+    process PyTorch's threads and JAX's slowed each other unevenly); alternating A B C A B C ... makes a change
+    of machine load during the run hit all sides alike, so the ratios between them stay meaningful.
+    """
+    env = allocator_env(args.allocator)
+    base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--seq", str(args.seq),
+            "--dtype", args.dtype]  # fmt: skip
+    workers = {}
+    try:
+        for name in names:  # started one at a time: compiling side by side would slow every warm-up
+            worker_env = env
+            if name == BASELINE:  # the same step, imported from another checkout of aki_jax
+                path = os.pathsep.join(filter(None, [os.path.abspath(args.baseline), env.get("PYTHONPATH")]))
+                worker_env = {**env, "PYTHONPATH": path}
+            proc = subprocess.Popen(base + ["--worker", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    env=worker_env, text=True)  # fmt: skip
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit(f"benchmark worker {name!r} failed to start (exit {proc.wait()})")
+            workers[name] = proc
+        times = {name: [] for name in names}
+        for _ in range(args.steps):
+            for name, proc in workers.items():
+                proc.stdin.write("run\n")
+                proc.stdin.flush()
+                times[name].append(float(proc.stdout.readline()))
+        return times
+    finally:
+        for proc in workers.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="rounds; medians are reported")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-causal", action="store_true", help="leave out the plain-causal JAX step")
+    parser.add_argument("--allocator", choices=("system", "tcmalloc"), default="system",
+                        help="malloc of every worker process (tcmalloc: preloaded libtcmalloc_minimal)")  # fmt: skip
+    parser.add_argument("--baseline", help="a checkout of aki-jax (say, a git worktree of an older commit) whose "
+                        "JAX step runs beside this one as 'jax before' (before/after side by side)")  # fmt: skip
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args)
 
     config = bench_config(args.dtype)
-    batch = next(SyntheticBatches(config, args.batch, args.seq, images_per_row=1, seed=0))
-    batch.pop("example_ids")
     from aki_jax.model import abstract_params
 
     n_params = count_params(abstract_params(config)[0])
     step_flops = flops.train_step_flops(config, args.batch, args.seq, 1)
     tokens = args.batch * args.seq
-
-    # The peak is timed in each round too (seconds of one 2048^3 matmul), beside the steps it divides.
-    peak_size = 2048
-    peak_a = jax.random.normal(jax.random.key(0), (peak_size, peak_size), args.dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
-    runs = {"peak": lambda: matmul(peak_a, peak_a).block_until_ready(), "jax mma": jax_step_fn(config, batch)}
-    if not args.skip_causal:
-        runs["jax causal"] = jax_step_fn(config.replace(attention="causal"), batch)
-    if not args.skip_torch:
-        import torch
-
-        torch.manual_seed(0)
-        runs["torch mma"] = torch_step_fn(config, batch)
-    rows = time_interleaved(runs, args.steps)
-    peak = 2 * peak_size**3 / rows.pop("peak")
+    names = ["peak", "jax mma"] + [BASELINE] * bool(args.baseline) + ["jax causal"] * (not args.skip_causal)
+    names += ["torch mma"] * (not args.skip_torch)
+    times = time_interleaved(names, args)
+    rows = {name: float(np.median(t)) for name, t in times.items()}
+    peak = PEAK_REPEATS * 2 * PEAK_SIZE**3 / rows.pop("peak")
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     print(f"\nAKI train step, {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, {args.dtype}, ", end="")
-    print(f"{device.platform} ({kind}), model FLOPs/step {step_flops / 1e12:.3f} T")
-    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'step':<12} {'s/step':>8} {'tokens/s':>10} {'GFLOP/s':>9} {'% of peak':>10}")
+    print(f"{device.platform} ({kind}), model FLOPs/step {step_flops / 1e12:.3f} T, allocator {args.allocator}")
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (median of {args.steps} rounds)")
+    print(f"{'step':<12} {'s/step':>8} {'min':>7} {'max':>7} {'tokens/s':>10} {'GFLOP/s':>9} {'% of peak':>10}")
     result = {"params_m": round(n_params / 1e6, 2), "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-              "peak_gflops": round(peak / 1e9, 2), "step_tflop": round(step_flops / 1e12, 4)}  # fmt: skip
+              "allocator": args.allocator, "rounds": args.steps, "peak_gflops": round(peak / 1e9, 2),
+              "step_tflop": round(step_flops / 1e12, 4)}  # fmt: skip
     for name, seconds in rows.items():
         rate = step_flops / seconds
-        print(f"{name:<12} {seconds:>8.3f} {tokens / seconds:>10.0f} {rate / 1e9:>9.1f} {100 * rate / peak:>9.1f}%")
+        low, high = min(times[name]), max(times[name])
+        print(f"{name:<12} {seconds:>8.3f} {low:>7.3f} {high:>7.3f} {tokens / seconds:>10.0f} {rate / 1e9:>9.1f} "
+              f"{100 * rate / peak:>9.1f}%")  # fmt: skip
         key = name.replace(" ", "_")
         result[f"{key}_s"] = round(seconds, 4)
+        result[f"{key}_rounds_s"] = [round(t, 4) for t in times[name]]
         result[f"{key}_tokens_per_s"] = round(tokens / seconds, 1)
         result[f"{key}_mfu_vs_matmul_peak"] = round(rate / peak, 4)
     if "torch mma" in rows:
+        # per-round ratios too: both sides of a round ran under the same machine load
+        ratios = [t / j for t, j in zip(times["torch mma"], times["jax mma"], strict=True)]
         result["speedup_vs_torch"] = round(rows["torch mma"] / rows["jax mma"], 3)
-        print(f"JAX / PyTorch speed-up: {result['speedup_vs_torch']:.2f}x")
+        result["speedup_vs_torch_per_round_median"] = round(float(np.median(ratios)), 3)
+        print(f"JAX / PyTorch speed-up: {result['speedup_vs_torch']:.2f}x (median of per-round ratios "
+              f"{result['speedup_vs_torch_per_round_median']:.2f}x)")  # fmt: skip
+    if BASELINE in rows:
+        result["speedup_vs_before"] = round(rows[BASELINE] / rows["jax mma"], 3)
+        print(f"JAX now / JAX before ({args.baseline}) speed-up: {result['speedup_vs_before']:.3f}x")
     if "jax causal" in rows:
         result["mma_cost_vs_causal"] = round(rows["jax mma"] / rows["jax causal"], 3)
         print(f"MMA / causal step time: {result['mma_cost_vs_causal']:.3f}")
