@@ -2,7 +2,7 @@
 a PyTorch implementation of the same step, and the same step with plain causal attention.
 
   python benchmarks/train_step.py                          # CPU, float32, 5 rounds (the defaults)
-  python benchmarks/train_step.py --allocator tcmalloc     # every side with tcmalloc preloaded
+  python benchmarks/train_step.py --allocator system       # every side with glibc's malloc as it comes
   python benchmarks/train_step.py --baseline ../before     # + the JAX step of another checkout, side by side
   python benchmarks/train_step.py --steps 5 --batch 4 --dtype bfloat16
 
@@ -12,7 +12,8 @@ turn in each of --steps rounds (A B C A B C ...; medians reported, with min and 
 (transformers' Phi-3 and SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW,
 frozen vision tower). Separate processes because in one process the two runtimes' thread pools and their
 page-fault storms slowed each other unevenly (the JAX step ran ~1.3x slower beside a live PyTorch). Every
-worker gets the same allocator (`--allocator`). FLOPs are the model FLOPs of `aki_jax.training.flops` (same
+worker gets the same allocator (`--allocator`, default keep: glibc keeping freed memory, what `aki-train` sets
+up on CPU, see `aki_jax/training/host_memory.py`). FLOPs are the model FLOPs of `aki_jax.training.flops` (same
 count for all). Prints a table and one JSON line (per-round times included).
 """
 
@@ -134,7 +135,7 @@ TCMALLOC_PATHS = (
 def allocator_env(allocator: str) -> dict:
     """The environment of every worker: the system allocator, or tcmalloc preloaded (same for all sides)."""
     env = dict(os.environ)
-    if allocator == "system":
+    if allocator in ("system", "keep"):  # keep: glibc told to keep freed memory (in the worker, see worker())
         return env
     found = [path for path in TCMALLOC_PATHS if os.path.exists(path)]
     if not found:
@@ -177,8 +178,21 @@ def make_run(name: str, args):
     return run
 
 
+def _this_checkouts_host_memory():
+    """aki_jax/training/host_memory.py of this script's checkout (a --baseline worker imports an older aki_jax)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "aki_jax", "training", "host_memory.py")
+    spec = importlib.util.spec_from_file_location("aki_bench_host_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def worker(name: str, args):
     """A side in its own process: reads one line per call from stdin, answers with the call's seconds."""
+    if args.allocator == "keep" and not _this_checkouts_host_memory().keep_freed_memory():
+        raise SystemExit("--allocator keep: this C library is not glibc (use system or tcmalloc)")
     run = make_run(name, args)
     print("ready", flush=True)
     for line in sys.stdin:
@@ -198,7 +212,7 @@ def time_interleaved(names: list, args) -> dict:
     """
     env = allocator_env(args.allocator)
     base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--seq", str(args.seq),
-            "--dtype", args.dtype]  # fmt: skip
+            "--dtype", args.dtype, "--allocator", args.allocator]  # fmt: skip
     workers = {}
     try:
         for name in names:  # started one at a time: compiling side by side would slow every warm-up
@@ -233,8 +247,9 @@ def main():
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-causal", action="store_true", help="leave out the plain-causal JAX step")
-    parser.add_argument("--allocator", choices=("system", "tcmalloc"), default="system",
-                        help="malloc of every worker process (tcmalloc: preloaded libtcmalloc_minimal)")  # fmt: skip
+    parser.add_argument("--allocator", choices=("keep", "system", "tcmalloc"), default="keep",
+                        help="malloc of every worker: keep (glibc keeping freed memory, as aki-train does on CPU: "
+                        "aki_jax.training.host_memory), system (glibc as it comes), tcmalloc (preloaded)")  # fmt: skip
     parser.add_argument("--baseline", help="a checkout of aki-jax (say, a git worktree of an older commit) whose "
                         "JAX step runs beside this one as 'jax before' (before/after side by side)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -26,6 +26,8 @@ from aki_jax.training import flops as flops_lib
 from aki_jax.training.checkpointing import Checkpointer, abstract_with_shardings
 from aki_jax.training.config import PRETRAINED_SUBDIR, TrainConfig
 from aki_jax.training.data import DataBundle, build_data
+from aki_jax.training.host_memory import ENV as HOST_MEMORY_ENV
+from aki_jax.training.host_memory import keep_freed_memory
 from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from aki_jax.training.question_types import accuracy_by_type
 from aki_jax.training.reporting import Reporter, format_summary, plot_metrics
@@ -135,6 +137,8 @@ class Outcome:
 def build(config: TrainConfig, data: DataBundle | None = None) -> Job:
     """Resolve the config, make the mesh, the data, the (restored or initial) state and the step function."""
     sharding.initialize_distributed()
+    if jax.default_backend() == "cpu" and keep_freed_memory():
+        log.info("host memory: freed buffers are kept for reuse (%s=0 turns this off)", HOST_MEMORY_ENV)
     # "{attention}" in checkpoint.dir keeps the MMA run and its causal ablation apart.
     config = dataclasses.replace(
         config,
