@@ -44,6 +44,7 @@ from train_step import bench_config  # benchmarks/ is the script's directory
 
 from aki_jax import sharding as S
 from aki_jax.training.config import OptimizerConfig
+from aki_jax.training.host_memory import keep_freed_memory
 from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from aki_jax.training.state import init_state, state_shardings
 from aki_jax.training.step import make_train_step
@@ -235,7 +236,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--top", action="store_true", help="also print the 12 most expensive ops of each side")
+    parser.add_argument("--allocator", choices=("keep", "system"), default="keep",
+                        help="keep: glibc keeps freed memory, as aki-train does on CPU (both sides)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.allocator == "keep":
+        keep_freed_memory()
     config = bench_config("float32")
     batch = next(SyntheticBatches(config, args.batch, args.seq, images_per_row=1, seed=0))
     batch.pop("example_ids")

@@ -210,18 +210,18 @@ def time_interleaved(names: list, args) -> dict:
     process PyTorch's threads and JAX's slowed each other unevenly); alternating A B C A B C ... makes a change
     of machine load during the run hit all sides alike, so the ratios between them stay meaningful.
     """
-    env = allocator_env(args.allocator)
     base = [sys.executable, os.path.abspath(__file__), "--batch", str(args.batch), "--seq", str(args.seq),
-            "--dtype", args.dtype, "--allocator", args.allocator]  # fmt: skip
+            "--dtype", args.dtype]  # fmt: skip
     workers = {}
     try:
         for name in names:  # started one at a time: compiling side by side would slow every warm-up
-            worker_env = env
+            allocator = args.baseline_allocator or args.allocator if name == BASELINE else args.allocator
+            env = allocator_env(allocator)
             if name == BASELINE:  # the same step, imported from another checkout of aki_jax
                 path = os.pathsep.join(filter(None, [os.path.abspath(args.baseline), env.get("PYTHONPATH")]))
-                worker_env = {**env, "PYTHONPATH": path}
-            proc = subprocess.Popen(base + ["--worker", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    env=worker_env, text=True)  # fmt: skip
+                env["PYTHONPATH"] = path
+            proc = subprocess.Popen(base + ["--allocator", allocator, "--worker", name], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, env=env, text=True)  # fmt: skip
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"benchmark worker {name!r} failed to start (exit {proc.wait()})")
             workers[name] = proc
@@ -252,6 +252,8 @@ def main():
                         "aki_jax.training.host_memory), system (glibc as it comes), tcmalloc (preloaded)")  # fmt: skip
     parser.add_argument("--baseline", help="a checkout of aki-jax (say, a git worktree of an older commit) whose "
                         "JAX step runs beside this one as 'jax before' (before/after side by side)")  # fmt: skip
+    parser.add_argument("--baseline-allocator", choices=("keep", "system", "tcmalloc"),
+                        help="the --baseline worker's allocator (default: --allocator)")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -297,7 +299,9 @@ def main():
               f"{result['speedup_vs_torch_per_round_median']:.2f}x)")  # fmt: skip
     if BASELINE in rows:
         result["speedup_vs_before"] = round(rows[BASELINE] / rows["jax mma"], 3)
-        print(f"JAX now / JAX before ({args.baseline}) speed-up: {result['speedup_vs_before']:.3f}x")
+        result["baseline_allocator"] = args.baseline_allocator or args.allocator
+        print(f"JAX now / JAX before ({args.baseline}, allocator {result['baseline_allocator']}) speed-up: "
+              f"{result['speedup_vs_before']:.3f}x")  # fmt: skip
     if "jax causal" in rows:
         result["mma_cost_vs_causal"] = round(rows["jax mma"] / rows["jax causal"], 3)
         print(f"MMA / causal step time: {result['mma_cost_vs_causal']:.3f}")
