@@ -11,20 +11,22 @@ bmm/softmax), norm+elementwise, optimizer (AdamW update, gradient clipping), tra
 the step's wall time during which no op ran (dispatch, Python, waiting). Op time is summed over threads, so with
 concurrent thunks the column can exceed the wall time. Prints a table and one JSON line.
 
-Measured 2026-12-01 on the project's 2-core machine, shared with other jobs (load varied during the run), one
-profiled step each, seconds per step, both profilers on:
+Measured 2026-12-02 on the project's 2-core AMD EPYC VM, nothing else running, one process, JAX first, freed
+memory kept (the default `--allocator keep`, as aki-train does on CPU), 2 profiled steps each, seconds per step:
 
   class               jax    torch
-  matmul              5.24    4.77   (summed over threads; jax: the ynn_fusion dot thunks)
-  attention           1.62    1.04   (jax: ops from aki_jax/attention; torch: eager bmm + softmax)
-  norm+elementwise    1.18    0.89
-  optimizer           0.11    0.15   (jax: optax, fused by XLA; torch: clipping + AdamW)
-  transpose+copy      0.73    0.32   (jax: stacked-gradient zero-fill / updates of the scan, layout copies)
-  host/idle           0.71    0.26   (jax: wall time with no thunk running)
-  wall                7.90    7.44
+  matmul              4.03    3.53   (summed over threads; jax: the ynn_fusion dot thunks, two often side by side)
+  attention           0.99    0.60   (jax: ops from aki_jax/attention; torch: eager bmm + softmax)
+  norm+elementwise    0.77    0.43
+  optimizer           0.09    0.11   (jax: optax, fused by XLA; torch: clipping + AdamW)
+  transpose+copy      0.27    0.30   (jax: the scan's stacked gradients and residuals, the logits' slice and pad)
+  host/idle           0.10    0.06   (jax: wall time with no thunk running)
+  wall                4.86    5.03
 
-JAX loses ~0.5 s in each of matmul (the backward dX/dW products contending), attention (the recomputing custom-VJP
-attention against eager bmm), copies of the scanned layers' stacked gradients, and host/idle gaps between thunks.
+With glibc as it comes (`--allocator system`) the JAX step spent another 1-4 s per step in the kernel, faulting
+in its ~1.6 GB of temporaries anew (see aki_jax/training/host_memory.py). Attributed by wall time (each instant
+split among the thunks running then), the JAX step is ~3.1 s matmul, 0.8 s attention, 0.7 s elementwise,
+0.5 s copies: the attention's small batched products run at 60-120 GFLOP/s against ~180 for the projections.
 """
 
 from __future__ import annotations
