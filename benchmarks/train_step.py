@@ -230,7 +230,10 @@ def time_interleaved(names: list, args) -> dict:
             for name, proc in workers.items():
                 proc.stdin.write("run\n")
                 proc.stdin.flush()
-                times[name].append(float(proc.stdout.readline()))
+                answer = proc.stdout.readline().strip()
+                if not answer:
+                    raise SystemExit(f"benchmark worker {name!r} died during a round (exit {proc.wait()})")
+                times[name].append(float(answer))
         return times
     finally:
         for proc in workers.values():
