@@ -8,13 +8,15 @@ a PyTorch implementation of the same step, and the same step with plain causal a
 
 Each side runs in its own worker process, started one after another (compile and warm-up), then called in
 turn in each of --steps rounds (A B C A B C ...; medians reported, with min and max): four 2048^3 jitted matmuls
-(the machine's ceiling for the dominant op), the JAX step (MMA), the JAX step (causal), the PyTorch step
-(transformers' Phi-3 and SigLIP + a torch Perceiver resampler, `aki_jax/testing/torch_reference.py`, AdamW,
-frozen vision tower). Separate processes because in one process the two runtimes' thread pools and their
-page-fault storms slowed each other unevenly (the JAX step ran ~1.3x slower beside a live PyTorch). Every
-worker gets the same allocator (`--allocator`, default keep: glibc keeping freed memory, what `aki-train` sets
-up on CPU, see `aki_jax/training/host_memory.py`). FLOPs are the model FLOPs of `aki_jax.training.flops` (same
-count for all). Prints a table and one JSON line (per-round times included).
+(XLA's ceiling for the dominant op), the JAX step (MMA), the JAX step (causal), the same four products in
+PyTorch (its BLAS's ceiling), the PyTorch step (transformers' Phi-3 and SigLIP + a torch Perceiver resampler,
+`aki_jax/testing/torch_reference.py`, AdamW, frozen vision tower). "% of peak" is against the faster of the two
+libraries' products (the machine's measured matmul peak); "% of own lib" against the step's own library's.
+Separate processes because in one process the two runtimes' thread pools and their page-fault storms slowed
+each other unevenly (the JAX step ran ~1.3x slower beside a live PyTorch). Every worker gets the same allocator
+(`--allocator`, default keep: glibc keeping freed memory, what `aki-train` sets up on CPU, see
+`aki_jax/training/host_memory.py`). FLOPs are the model FLOPs of `aki_jax.training.flops` (same count for all).
+Prints a table and one JSON line (per-round times included).
 """
 
 from __future__ import annotations
@@ -160,6 +162,15 @@ def make_run(name: str, args):
             for _ in range(PEAK_REPEATS):  # one 86 ms product alone is at the mercy of a single hiccup
                 matmul(a, a).block_until_ready()
 
+    elif name == "torch peak":  # the same products through PyTorch's BLAS
+        import torch
+
+        a = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=getattr(torch, args.dtype))
+
+        def run():
+            for _ in range(PEAK_REPEATS):
+                torch.mm(a, a)
+
     elif name in ("jax mma", BASELINE):
         import aki_jax
 
@@ -269,30 +280,37 @@ def main():
     step_flops = flops.train_step_flops(config, args.batch, args.seq, 1)
     tokens = args.batch * args.seq
     names = ["peak", "jax mma"] + [BASELINE] * bool(args.baseline) + ["jax causal"] * (not args.skip_causal)
-    names += ["torch mma"] * (not args.skip_torch)
+    names += ["torch peak", "torch mma"] * (not args.skip_torch)
     times = time_interleaved(names, args)
     rows = {name: float(np.median(t)) for name, t in times.items()}
-    peak = PEAK_REPEATS * 2 * PEAK_SIZE**3 / rows.pop("peak")
+    peaks = {lib: PEAK_REPEATS * 2 * PEAK_SIZE**3 / rows.pop(name) for lib, name in
+             (("jax", "peak"), ("torch", "torch peak")) if name in rows}  # fmt: skip
+    peak = max(peaks.values())  # the machine's ceiling: the faster of the two libraries' products
 
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     print(f"\nAKI train step, {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, {args.dtype}, ", end="")
     print(f"{device.platform} ({kind}), model FLOPs/step {step_flops / 1e12:.3f} T, allocator {args.allocator}")
-    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s (median of {args.steps} rounds)")
-    print(f"{'step':<12} {'s/step':>8} {'min':>7} {'max':>7} {'tokens/s':>10} {'GFLOP/s':>9} {'% of peak':>10}")
+    per_lib = ", ".join(f"{lib} {rate / 1e9:.1f}" for lib, rate in peaks.items())
+    print(f"measured matmul peak: {peak / 1e9:.1f} GFLOP/s ({per_lib}; median of {args.steps} rounds)")
+    print(f"{'step':<12} {'s/step':>8} {'min':>7} {'max':>7} {'tokens/s':>10} {'GFLOP/s':>9} {'% of peak':>10} "
+          f"{'% of own lib':>13}")  # fmt: skip
     result = {"params_m": round(n_params / 1e6, 2), "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
               "allocator": args.allocator, "rounds": args.steps, "peak_gflops": round(peak / 1e9, 2),
+              **{f"{lib}_peak_gflops": round(rate / 1e9, 2) for lib, rate in peaks.items()},
               "step_tflop": round(step_flops / 1e12, 4)}  # fmt: skip
     for name, seconds in rows.items():
         rate = step_flops / seconds
         low, high = min(times[name]), max(times[name])
+        own = peaks["torch" if name.startswith("torch") else "jax"]  # the step's own library's products
         print(f"{name:<12} {seconds:>8.3f} {low:>7.3f} {high:>7.3f} {tokens / seconds:>10.0f} {rate / 1e9:>9.1f} "
-              f"{100 * rate / peak:>9.1f}%")  # fmt: skip
+              f"{100 * rate / peak:>9.1f}% {100 * rate / own:>12.1f}%")  # fmt: skip
         key = name.replace(" ", "_")
         result[f"{key}_s"] = round(seconds, 4)
         result[f"{key}_rounds_s"] = [round(t, 4) for t in times[name]]
         result[f"{key}_tokens_per_s"] = round(tokens / seconds, 1)
         result[f"{key}_mfu_vs_matmul_peak"] = round(rate / peak, 4)
+        result[f"{key}_mfu_vs_own_library_peak"] = round(rate / own, 4)
     if "torch mma" in rows:
         # per-round ratios too: both sides of a round ran under the same machine load
         ratios = [t / j for t, j in zip(times["torch mma"], times["jax mma"], strict=True)]
