@@ -23,6 +23,18 @@ memory kept (the default `--allocator keep`, as aki-train does on CPU), 2 profil
   host/idle           0.10    0.06   (jax: wall time with no thunk running)
   wall                4.86    5.03
 
+The same, measured 2026-12-02 on a 2-core Intel Sapphire Rapids VM (one run, seconds per step; PyTorch's BLAS
+is faster than XLA's YNNPACK dots on this host, see the README):
+
+  class               jax    torch
+  matmul              5.00    3.02
+  attention           1.46    0.56
+  norm+elementwise    1.25    0.55
+  optimizer           0.16    0.19
+  transpose+copy      0.76    0.27
+  host/idle           0.41    0.06
+  wall                6.99    4.66
+
 With glibc as it comes (`--allocator system`) the JAX step spent another 1-4 s per step in the kernel, faulting
 in its ~1.6 GB of temporaries anew (see aki_jax/training/host_memory.py). Attributed by wall time (each instant
 split among the thunks running then), the JAX step is ~3.1 s matmul, 0.8 s attention, 0.7 s elementwise,
