@@ -10,6 +10,8 @@ Classes: matmul (dot / mm, outside attention), attention (everything from aki_ja
 bmm/softmax), norm+elementwise, optimizer (AdamW update, gradient clipping), transpose+copy, other; "host/idle" is
 the step's wall time during which no op ran (dispatch, Python, waiting). Op time is summed over threads, so with
 concurrent thunks the column can exceed the wall time. Prints a table and one JSON line.
+The tracer slows the JAX step (1.2-1.8x) and its matrix products most; `step_products.py` times the step's
+products alone, without one.
 
 Measured 2026-12-02 on the project's 2-core AMD EPYC VM, nothing else running, one process, JAX first, freed
 memory kept (the default `--allocator keep`, as aki-train does on CPU), 2 profiled steps each, seconds per step:
