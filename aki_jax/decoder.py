@@ -47,7 +47,7 @@ def head_product(x, kernel):
     """f[B, T, D] @ f[D, V] -> f[B, T, V] for the output head (V the vocabulary: the widest product).
 
     On CPU with a backward pass that XLA runs as two plain row-major matrix products (the head's forward
-    and backward 1.37x faster alone, the benchmark's train step ~1.02x); elsewhere the einsum as it is,
+    and backward 1.37x faster alone, the benchmark's train step 1.02-1.04x); elsewhere the einsum as it is,
     since the rewrite was only measured on CPU.
     """
     if jax.default_backend() == "cpu":
