@@ -56,14 +56,10 @@ import time
 
 import jax
 import numpy as np
-from train_step import bench_config  # benchmarks/ is the script's directory
+from train_step import bench_config, jax_step_parts  # benchmarks/ is the script's directory
 
 from aki_jax import sharding as S
-from aki_jax.training.config import OptimizerConfig
 from aki_jax.training.host_memory import keep_freed_memory
-from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from aki_jax.training.state import init_state, state_shardings
-from aki_jax.training.step import make_train_step
 from aki_jax.training.synthetic import SyntheticBatches
 
 CLASSES = ("matmul", "attention", "norm+elementwise", "optimizer", "transpose+copy", "other", "host/idle")
@@ -161,17 +157,9 @@ def union_us(intervals: list) -> float:
 
 def jax_profile(config, batch, steps: int) -> tuple[dict, float]:
     """Seconds per step per class, and the step's wall seconds."""
-    mesh_config = S.MeshConfig(data=1)
-    mesh = S.make_mesh(mesh_config, jax.devices()[:1])
-    rules = S.logical_rules(mesh_config)
-    optim = OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=100)
-    optimizer = make_optimizer(optim)
-    _, shardings = state_shardings(config, optimizer, mesh, rules)
-    state = jax.jit(lambda: init_state(config, optimizer, 0), out_shardings=shardings)()
-    batch_shardings = {k: S.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-    step = make_train_step(config, optimizer, learning_rate_schedule(optim), 1, shardings, batch_shardings)
-    device_batch = S.make_global_batch(batch, mesh, rules)
-    with S.activation_context(mesh, rules):
+    parts = jax_step_parts(config, batch)
+    step, state, device_batch = parts["step"], parts["init"](), parts["batch"]
+    with S.activation_context(parts["mesh"], parts["rules"]):
         text = step.lower(state, device_batch).compile().as_text()
         instrs, comps = hlo_index(text)
         state, metrics = step(state, device_batch)  # compile + warm

@@ -37,8 +37,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import bench_config, make_run  # noqa: E402
+from train_step import bench_config, call_rounds, close_workers, jax_step_parts, make_run  # noqa: E402
 
+from aki_jax import sharding as S  # noqa: E402
 from aki_jax.training.synthetic import SyntheticBatches  # noqa: E402
 
 SIDES = ("jax step", "jax products", "torch products")
@@ -154,25 +155,12 @@ def step_products(hlo: str) -> Counter:
 
 def compiled_step_hlo(args) -> str:
     """The optimised HLO text of the JAX step of benchmarks/train_step.py (compiled, not run)."""
-    from aki_jax import sharding as S
-    from aki_jax.training.config import OptimizerConfig
-    from aki_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    from aki_jax.training.state import state_shardings
-    from aki_jax.training.step import make_train_step
-
     config = bench_config(args.dtype)
     batch = next(SyntheticBatches(config, args.batch, args.seq, images_per_row=1, seed=0))
     batch.pop("example_ids")
-    mesh_config = S.MeshConfig(data=1)
-    mesh = S.make_mesh(mesh_config, jax.devices()[:1])
-    rules = S.logical_rules(mesh_config)
-    optim = OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=100)
-    optimizer = make_optimizer(optim)
-    abstract, shardings = state_shardings(config, optimizer, mesh, rules)
-    batch_shardings = {k: S.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-    step = make_train_step(config, optimizer, learning_rate_schedule(optim), 1, shardings, batch_shardings)
-    with S.activation_context(mesh, rules):
-        return step.lower(abstract, S.make_global_batch(batch, mesh, rules)).compile().as_text()
+    parts = jax_step_parts(config, batch)
+    with S.activation_context(parts["mesh"], parts["rules"]):
+        return parts["step"].lower(parts["abstract"], parts["batch"]).compile().as_text()
 
 
 def _repeats(run) -> int:
@@ -260,21 +248,9 @@ def time_sides(sides: list, products: list[Product], args) -> dict:
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"benchmark worker {side!r} failed to start (exit {proc.wait()})")
             workers[side] = proc
-        answers = {side: [] for side in sides}
-        for _ in range(args.rounds):
-            for side, proc in workers.items():
-                proc.stdin.write("run\n")
-                proc.stdin.flush()
-                answer = proc.stdout.readline().strip()
-                if not answer:
-                    raise SystemExit(f"benchmark worker {side!r} died during a round (exit {proc.wait()})")
-                answers[side].append(json.loads(answer))
-        return answers
+        return {side: [json.loads(a) for a in answers] for side, answers in call_rounds(workers, args.rounds).items()}
     finally:
-        for proc in workers.values():
-            if proc.poll() is None:
-                proc.stdin.close()
-                proc.wait()
+        close_workers(workers)
 
 
 def main():

@@ -59,22 +59,37 @@ def bench_config(dtype: str) -> AKIConfig:
     )  # fmt: skip
 
 
-def jax_step_fn(config: AKIConfig, batch: dict):
-    """One JAX train step (state kept inside) as a closure that blocks until the step is done."""
+def jax_step_parts(config: AKIConfig, batch: dict) -> dict:
+    """The JAX train step on one device and what it runs on, not yet compiled or run.
+
+    {"step": the jitted step, "abstract": the state's shapes, "init": () -> a fresh sharded state,
+     "batch": the batch on the device, "mesh", "rules"}; call the step under `S.activation_context(mesh, rules)`.
+    """
     mesh_config = S.MeshConfig(data=1)
     mesh = S.make_mesh(mesh_config, jax.devices()[:1])
     rules = S.logical_rules(mesh_config)
     optim = OptimizerConfig(lr=1e-4, warmup_steps=0, total_steps=100)
     optimizer = make_optimizer(optim)
-    _, shardings = state_shardings(config, optimizer, mesh, rules)
-    state = {"s": jax.jit(lambda: init_state(config, optimizer, 0), out_shardings=shardings)()}
+    abstract, shardings = state_shardings(config, optimizer, mesh, rules)
     batch_shardings = {k: S.batch_sharding(mesh, rules, v.ndim) for k, v in batch.items()}
-    step = make_train_step(config, optimizer, learning_rate_schedule(optim), 1, shardings, batch_shardings)
-    device_batch = S.make_global_batch(batch, mesh, rules)
+    return {
+        "step": make_train_step(config, optimizer, learning_rate_schedule(optim), 1, shardings, batch_shardings),
+        "abstract": abstract,
+        "init": jax.jit(lambda: init_state(config, optimizer, 0), out_shardings=shardings),
+        "batch": S.make_global_batch(batch, mesh, rules),
+        "mesh": mesh,
+        "rules": rules,
+    }
+
+
+def jax_step_fn(config: AKIConfig, batch: dict):
+    """One JAX train step (state kept inside) as a closure that blocks until the step is done."""
+    parts = jax_step_parts(config, batch)
+    state = {"s": parts["init"]()}
 
     def run_one():
-        with S.activation_context(mesh, rules):
-            state["s"], metrics = step(state["s"], device_batch)
+        with S.activation_context(parts["mesh"], parts["rules"]):
+            state["s"], metrics = parts["step"](state["s"], parts["batch"])
         jax.block_until_ready(metrics)
 
     return run_one
@@ -236,21 +251,33 @@ def time_interleaved(names: list, args) -> dict:
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"benchmark worker {name!r} failed to start (exit {proc.wait()})")
             workers[name] = proc
-        times = {name: [] for name in names}
-        for _ in range(args.steps):
-            for name, proc in workers.items():
-                proc.stdin.write("run\n")
-                proc.stdin.flush()
-                answer = proc.stdout.readline().strip()
-                if not answer:
-                    raise SystemExit(f"benchmark worker {name!r} died during a round (exit {proc.wait()})")
-                times[name].append(float(answer))
-        return times
+        return {
+            name: [float(answer) for answer in answers] for name, answers in call_rounds(workers, args.steps).items()
+        }
     finally:
-        for proc in workers.values():
-            if proc.poll() is None:
-                proc.stdin.close()
-                proc.wait()
+        close_workers(workers)
+
+
+def call_rounds(workers: dict, rounds: int) -> dict:
+    """{name: [answer line per round]}: each worker process (started, "ready") called once per round, in turn."""
+    answers = {name: [] for name in workers}
+    for _ in range(rounds):
+        for name, proc in workers.items():
+            proc.stdin.write("run\n")
+            proc.stdin.flush()
+            answer = proc.stdout.readline().strip()
+            if not answer:
+                raise SystemExit(f"benchmark worker {name!r} died during a round (exit {proc.wait()})")
+            answers[name].append(answer)
+    return answers
+
+
+def close_workers(workers: dict):
+    """End the worker processes still running (a closed stdin ends their loop)."""
+    for proc in workers.values():
+        if proc.poll() is None:
+            proc.stdin.close()
+            proc.wait()
 
 
 def main():
